@@ -1,0 +1,194 @@
+"""Every setting of a run: one flat dataclass, parsed from the command line and an optional YAML file.
+
+Precedence, lowest first: the defaults below, the run's own config.yaml (with --resume RUN), --config_path FILE,
+then flags on the command line.
+"""
+
+import dataclasses
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, get_args
+
+import simple_parsing
+import yaml
+from lightning.fabric.accelerators import ACCELERATOR_REGISTRY
+from lightning.fabric.connector import _PRECISION_INPUT_STR
+from lightning.fabric.strategies import STRATEGY_REGISTRY
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from simple_parsing.helpers import list_field
+
+LOGGERS = ("csv", "tensorboard", "wandb")
+PRECISIONS = get_args(_PRECISION_INPUT_STR)
+ACCELERATORS = ("auto", "gpu", *ACCELERATOR_REGISTRY.available_accelerators())
+STRATEGIES = ("auto", *STRATEGY_REGISTRY.available_strategies())
+
+
+@dataclass
+class Config:
+    """Hardware and distribution defaults equal Fabric's own, so that `fabric run` can set them instead."""
+
+    accelerator: str = "auto"
+    """Device type: auto, cpu, cuda, gpu, mps or tpu."""
+    devices: int | str = "auto"
+    """Devices per node: a number, 'auto', -1 (all), or a list like '0,1'."""
+    num_nodes: int = 1
+    """Number of nodes (machines)."""
+    strategy: str = "auto"
+    """Distribution strategy: auto, ddp, fsdp, deepspeed, ..."""
+    precision: str | None = None
+    """Numeric precision: 32-true, 16-mixed, bf16-mixed, 64-true, ... Unset means Fabric's default (32-true)."""
+
+    root_dir: str = "runs"
+    """Folder that holds all run folders."""
+    out_dir: str = "train_out"
+    """Run name: a run goes to ROOT_DIR/<YYYYmmdd-HHMMSS>-OUT_DIR."""
+    comment: str = ""
+    """A short note on this run, kept in config.yaml and sent to the loggers."""
+    resume: str | None = None
+    """Run folder to continue from its newest checkpoint, or 'auto' for the newest run named *-OUT_DIR."""
+    seed: int = 42
+    """Seed for model init, data order and dropout."""
+
+    epochs: int = 10
+    """Number of passes over the training set."""
+    eff_batch_size: int = 64
+    """Samples per optimizer step, summed over all devices and nodes."""
+    micro_batch_size: int | None = None
+    """Most samples one device takes in one forward pass (more are accumulated). Unset means no cap."""
+    base_lr: float = 2e-3
+    """Learning rate at BASE_BATCH_SIZE; scaled to EFF_BATCH_SIZE by LR_SCALING_RULE."""
+    base_batch_size: int = 64
+    """Batch size at which BASE_LR holds."""
+    lr_scaling_rule: Literal["linear", "sqrt", "none"] = "linear"
+    """How the LR follows the batch size: lr = base_lr * ratio (linear) or * sqrt(ratio), or base_lr (none)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    grad_clip: float | None = None
+    """Max gradient norm, applied once per optimizer step. Unset means off."""
+    dropout: float = 0.1
+    """Dropout probability of the model."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    num_workers: int = 0
+    """DataLoader worker processes per device."""
+
+    logger_name: list[str] = list_field("csv", "tensorboard", choices=LOGGERS)
+    """Loggers, one or more of: csv tensorboard wandb."""
+    log_per_epoch: int = 4
+    """How many times per epoch the training loss is logged."""
+    wandb_project: str = "fabric-template"
+    """W&B project name (with the wandb logger; set WANDB_MODE=offline to log offline)."""
+
+    checkpoint_frequency: int = 1
+    """Save a checkpoint every this many epochs (and always at the end)."""
+    num_checkpoint_keep: int = 3
+    """How many of the newest checkpoints to keep."""
+
+    def __post_init__(self):
+        if isinstance(self.devices, str) and self.devices.lstrip("-").isdigit():
+            self.devices = int(self.devices)
+        checks = [
+            ("accelerator", self.accelerator in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
+            ("strategy", self.strategy in STRATEGIES, "a registered Fabric strategy"),
+            ("precision", self.precision is None or self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
+            ("devices", _valid_devices(self.devices), "'auto', -1, a positive number or a list like '0,1'"),
+            ("num_nodes", self.num_nodes >= 1, "at least 1"),
+            ("lr_scaling_rule", self.lr_scaling_rule in ("linear", "sqrt", "none"), "linear, sqrt or none"),
+            ("logger_name", set(self.logger_name) <= set(LOGGERS), f"one or more of {', '.join(LOGGERS)}"),
+            ("weight_decay", self.weight_decay >= 0, "at least 0"),
+            ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("num_workers", self.num_workers >= 0, "at least 0"),
+            ("num_checkpoint_keep", self.num_checkpoint_keep >= 1, "at least 1"),
+        ]
+        for name in ("epochs", "eff_batch_size", "base_lr", "base_batch_size", "log_per_epoch", "checkpoint_frequency"):
+            checks.append((name, getattr(self, name) > 0, "positive"))
+        for name in ("micro_batch_size", "grad_clip"):
+            checks.append((name, getattr(self, name) is None or getattr(self, name) > 0, "positive or unset"))
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+
+
+def _valid_devices(devices: int | str) -> bool:
+    if isinstance(devices, int):
+        return devices > 0 or devices == -1
+    parts = devices.split(",")
+    return devices == "auto" or (len(parts) > 1 and all(p.strip().isdigit() for p in parts if p.strip()))
+
+
+class _Parser(simple_parsing.ArgumentParser):
+    def error(self, message):
+        raise ValueError(message)  # parse_config turns every error into one line and exit status 2
+
+
+def make_parser(description: str | None = None) -> _Parser:
+    parser = _Parser(allow_abbrev=False, nested_mode=simple_parsing.NestedMode.WITHOUT_ROOT, description=description)
+    parser.add_argument("--config_path", type=Path, default=None, help="YAML file of settings; flags override it.")
+    parser.add_arguments(Config, dest="config")
+    return parser
+
+
+def _as_flags(values: dict) -> list[str]:
+    """Turns {field: value} into command-line flags, so that file values get the same parsing and checks."""
+    flags = []
+    for name, value in values.items():
+        if value is not None:
+            flags += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
+    return flags
+
+
+def read_yaml(path: Path) -> dict:
+    """Reads a config file into {field: value}; an unreadable file or an unknown key is an error."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"cannot be read ({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ValueError("expected a mapping of field: value")
+    values.pop("derived", None)  # a run's config.yaml also lists values derived from the config
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}")
+    return values
+
+
+def fail(message: str):
+    """Bad input: one line naming the field and the value, exit status 2, no traceback."""
+    if rank_zero_only.rank == 0:  # after launch every rank fails alike; one of them says so
+        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_config(argv: list[str] | None = None, saved: dict | None = None, description: str | None = None) -> Config:
+    """Parses flags over --config_path over `saved` (a run's own config.yaml) over the defaults."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = make_parser(description)
+    try:
+        config_path = parser.parse_known_args(argv)[0].config_path
+    except ValueError as err:
+        fail(str(err))
+    flags = _as_flags(saved or {})
+    if config_path is not None:
+        try:
+            flags += _as_flags(read_yaml(config_path))
+            parser.parse_args(flags)  # a bad value in the file is reported against the file
+        except ValueError as err:
+            fail(f"config_path={str(config_path)!r}: {err}")
+    try:
+        return parser.parse_args(flags + argv).config
+    except ValueError as err:
+        fail(str(err))
+
+
+def load_config(argv: list[str] | None = None, description: str | None = None) -> Config:
+    """parse_config, and with --resume: the resumed run's own config.yaml under the flags, so nothing is repeated."""
+    from utils.run_dir import find_resume_target
+
+    cfg = parse_config(argv, description=description)
+    try:
+        run_dir, _ = find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir)
+        saved = read_yaml(run_dir / "config.yaml") if run_dir else None
+    except ValueError as err:
+        fail(f"resume={cfg.resume!r}: {err}" if "resume=" not in str(err) else str(err))
+    return parse_config(argv, saved=saved, description=description) if saved else cfg

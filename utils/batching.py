@@ -1,0 +1,37 @@
+"""Effective batch size kept constant across any number of devices, and the learning rate scaled to it."""
+
+import math
+from dataclasses import dataclass
+
+from lightning.fabric import Fabric
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    world_size: int
+    per_device: int  # samples per device per optimizer step
+    accum_steps: int  # micro-batches per optimizer step
+    micro: int  # samples per device per forward pass
+
+
+def plan_batches(eff_batch_size: int, world_size: int, micro_batch_size: int | None) -> BatchPlan:
+    """per_device * world_size * accum_steps == eff_batch_size, exactly, with the fewest accumulation steps."""
+    if eff_batch_size % world_size:
+        raise ValueError(f"eff_batch_size={eff_batch_size} cannot be split evenly over {world_size} processes "
+                         f"(devices x num_nodes)")
+    per_device = eff_batch_size // world_size
+    cap = micro_batch_size or per_device
+    accum_steps = next(k for k in range(1, per_device + 1) if per_device % k == 0 and per_device // k <= cap)
+    return BatchPlan(world_size, per_device, accum_steps, per_device // accum_steps)
+
+
+def scaled_lr(base_lr: float, eff_batch_size: int, base_batch_size: int, rule: str) -> float:
+    ratio = eff_batch_size / base_batch_size
+    return base_lr * {"linear": ratio, "sqrt": math.sqrt(ratio), "none": 1.0}[rule]
+
+
+def planned_world_size(fabric: Fabric) -> int:
+    """The world size Fabric will launch, known before fabric.launch() (fabric.world_size is 1 until then)."""
+    strategy = fabric.strategy
+    devices = len(getattr(strategy, "parallel_devices", None) or [None])
+    return getattr(strategy, "num_nodes", 1) * devices
