@@ -1,0 +1,78 @@
+"""Batch split and LR arithmetic, and that accumulation steps the optimizer the right number of times."""
+
+import math
+
+import pytest
+import torch
+from conftest import FAST, checkpoints, load, max_weight_diff, only_run
+from torch.nn.modules.module import register_module_forward_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from config import parse_config
+from train import main
+from utils.batching import plan_batches, scaled_lr
+
+
+@pytest.mark.parametrize("eff,world,micro,expected", [
+    (64, 1, None, (64, 1, 64)),
+    (64, 2, None, (32, 1, 32)),
+    (64, 2, 16, (32, 2, 16)),
+    (64, 4, 10, (16, 2, 8)),  # smallest accumulation whose micro-batch fits under the cap
+    (96, 2, 20, (48, 3, 16)),
+    (12, 3, 5, (4, 1, 4)),
+    (7, 1, 3, (7, 7, 1)),  # a prime splits into micro-batches of 1
+])
+def test_plan_batches(eff, world, micro, expected):
+    plan = plan_batches(eff, world, micro)
+    assert (plan.per_device, plan.accum_steps, plan.micro) == expected
+    assert plan.per_device * world * plan.accum_steps // plan.accum_steps == eff
+    assert plan.micro * plan.accum_steps * world == eff
+
+
+def test_plan_refuses_uneven_split():
+    with pytest.raises(ValueError, match="eff_batch_size=10 .* 4 processes"):
+        plan_batches(10, 4, None)
+
+
+def test_scaled_lr():
+    assert scaled_lr(1e-3, 256, 64, "linear") == pytest.approx(4e-3)
+    assert scaled_lr(1e-3, 256, 64, "sqrt") == pytest.approx(2e-3)
+    assert scaled_lr(1e-3, 256, 64, "none") == pytest.approx(1e-3)
+    assert scaled_lr(1e-3, 32, 64, "sqrt") == pytest.approx(1e-3 / math.sqrt(2))
+
+
+def _count_calls(run):
+    """Counts optimizer steps and model forwards (nn.Sequential: the default model) during run()."""
+    counts = {"optimizer_steps": 0, "forwards": 0}
+
+    def count_step(*_):
+        counts["optimizer_steps"] += 1
+
+    def count_forward(module, *_):
+        counts["forwards"] += isinstance(module, torch.nn.Sequential)
+
+    hooks = [register_optimizer_step_post_hook(count_step), register_module_forward_hook(count_forward)]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
+
+
+def test_accumulation_counts_steps_and_matches_one_big_batch(root):
+    """eff 64 in micro-batches of 16: 4 forwards per optimizer step, 19 steps per epoch, same weights as no
+    accumulation (float64, no dropout), so the loss is averaged right."""
+    common = [*FAST, "--precision", "64-true", "--dropout", "0", "--logger_name", "csv"]
+    results = {}
+    for micro in ("16", None):
+        sub = root / f"micro{micro}"
+        cfg = parse_config([*common, "--root_dir", str(sub), *(["--micro_batch_size", micro] if micro else [])])
+        counts = _count_calls(lambda cfg=cfg: main(cfg))
+        evals = 2 * 5  # 270 validation samples in batches of 64, twice
+        results[micro] = (counts, load(checkpoints(only_run(sub))[-1])["model"])
+    accumulated, plain = results["16"][0], results[None][0]
+    assert accumulated["optimizer_steps"] == plain["optimizer_steps"] == 2 * (1257 // 64)
+    assert accumulated["forwards"] - evals == 4 * 2 * (1257 // 64)
+    assert plain["forwards"] - evals == 2 * (1257 // 64)
+    assert max_weight_diff(results["16"][1], results[None][1]) < 1e-12
