@@ -34,7 +34,7 @@ def _resumed_csv_logger(logs: Path, start_step: int) -> CSVLogger:
     logger = CSVLogger(logs, name="csv", version="", flush_logs_every_n_steps=1)
     for row in rows:
         step = int(row.pop("step"))
-        logger.log_metrics({k: float(v) for k, v in row.items() if v != ""}, step=step)
+        logger.log_metrics({k: v for k, v in row.items() if v != ""}, step=step)  # as written, text
     return logger
 
 

@@ -38,4 +38,4 @@ def gather_rng(fabric: Fabric) -> list[dict[str, torch.Tensor]]:
     gathered = fabric.all_gather(local)
     if fabric.world_size == 1:
         gathered = {k: v.unsqueeze(0) for k, v in gathered.items()}
-    return [{k: v[rank].cpu() for k, v in gathered.items()} for rank in range(fabric.world_size)]
+    return [{k: v[rank].cpu().clone() for k, v in gathered.items()} for rank in range(fabric.world_size)]  # own storage
