@@ -61,8 +61,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = _temporary(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            torch.save(checkpoint, tmp)
-            _fsync(tmp)
+            with open(tmp, "wb") as file:
+                torch.save(checkpoint, file)  # tensor by tensor, straight to disk
+                file.flush()
+                os.fsync(file.fileno())
             os.replace(tmp, path)
             _fsync(path.parent)  # the rename itself is durable only once the folder is synced
         except BaseException:
@@ -86,7 +88,9 @@ def save_checkpoint(fabric: Fabric, ckpt_dir: Path, name: str, state: dict) -> P
                 _fsync(ckpt_dir)
         else:
             fabric.save(path, state)  # AtomicCheckpointIO, on global rank 0
-    except (OSError, RuntimeError) as err:  # torch's writer reports a failed write (disk full) as RuntimeError
+    except (OSError, RuntimeError) as err:
+        if isinstance(err.__context__, OSError):  # torch's writer wraps a failed write (disk full) in RuntimeError
+            err = err.__context__
         error = f"could not save checkpoint {path}: {getattr(err, 'strerror', None) or err}"
     error = fabric.broadcast(error)  # all ranks: the others stop too
     if error:

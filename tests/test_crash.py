@@ -1,0 +1,250 @@
+"""Checkpoints survive crashes: real SIGKILLs mid-save, truncated and corrupt files, a full disk, a malicious
+pickle, NaN losses, preemption signals from outside, and loggers that continue cleanly after a resume."""
+
+import csv
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, assert_one_error_line, checkpoints, load, only_run, run_script
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from utils.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.slow
+ARGS = ["--accelerator", "cpu", "--epochs", "2", "--logger_name", "csv"]
+
+
+def train(root, *args, script="train.py", **kwargs):
+    return run_script(script, "--root_dir", root, *ARGS, *args, **kwargs)
+
+
+def names(run):
+    return [p.name for p in checkpoints(run)]
+
+
+# -- atomic saves --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.2])
+def test_sigkill_mid_save_leaves_earlier_checkpoints_and_no_partial_file(tmp_path, delay):
+    """A 256 MB save is killed (SIGKILL) `delay` s after its temporary file appears."""
+    ckpt_dir, sys_tmp = tmp_path / "checkpoints", tmp_path / "system-tmp"
+    sys_tmp.mkdir()
+    worker = subprocess.Popen([sys.executable, str(REPO / "tests" / "save_worker.py"), str(ckpt_dir), "256"],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(sys_tmp)})
+    assert worker.stdout.readline().strip() == "saved 1"
+    deadline = time.time() + 60
+    while not list(ckpt_dir.glob(".*.tmp")) and time.time() < deadline:
+        time.sleep(0.0005)
+    time.sleep(delay)
+    worker.kill()
+    worker.wait()
+    saved = list_checkpoints(ckpt_dir)
+    assert saved, "the first checkpoint is there"
+    for path in saved:  # every file under a checkpoint name is complete
+        step = load(path)["global_step"]
+        assert torch.equal(load(path)["model"]["weight"][:2, :2], torch.full((2, 2), float(step)))
+    assert list(sys_tmp.iterdir()) == []  # nothing written outside the run folder
+    leftovers = list(ckpt_dir.glob(".*.tmp"))
+    assert len(saved) + len(leftovers) >= 2  # the kill landed in the second save (or right after it)
+
+
+def test_leftover_temp_file_is_removed_at_next_start(root):
+    train(root, "--epochs", "1")
+    run = only_run(root)
+    leftover = run / "checkpoints" / ".epoch-0002-step-00000038.ckpt.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    train(root, "--resume", run)
+    assert not leftover.exists()
+
+
+# -- picking the checkpoint to resume from ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("two_epochs")
+    train(root)
+    return root
+
+
+def damage(path, how):
+    data = path.read_bytes()
+    path.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": os.urandom(len(data))}[how])
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "garbage"])
+def test_corrupt_newest_is_moved_aside_and_the_one_before_used(tmp_path, two_epochs, how):
+    root = tmp_path / "runs"
+    shutil.copytree(two_epochs, root)
+    run = only_run(root)
+    newest = checkpoints(run)[-1]
+    damage(newest, how)
+    result = train(root, "--resume", "auto", "--epochs", "3")
+    assert f"warning: checkpoint {newest}" in result.stderr
+    assert (run / "checkpoints" / f"{newest.name}.corrupt").is_file()
+    assert "at step 19" in result.stdout  # resumed from the epoch-1 checkpoint
+    assert load(checkpoints(run)[-1])["global_step"] == 57
+
+
+def test_explicit_resume_of_a_corrupt_file_exits_2(tmp_path, two_epochs):
+    root = tmp_path / "runs"
+    shutil.copytree(two_epochs, root)
+    newest = checkpoints(only_run(root))[-1]
+    damage(newest, "truncated")
+    result = train(root, "--resume", newest, check_rc=2)
+    assert_one_error_line(result, f"resume='{newest}'", "does not open")
+
+
+class RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, two_epochs):
+    root = tmp_path / "runs"
+    shutil.copytree(two_epochs, root)
+    run = only_run(root)
+    marker = tmp_path / "PWNED"
+    crafted = run / "checkpoints" / "epoch-0009-step-00000999.ckpt"
+    torch.save({"model": RunsCommand(marker)}, crafted, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    with pytest.raises(pickle.UnpicklingError):  # the file really is refused by weights_only loading ...
+        torch.load(crafted, weights_only=True)
+    result = run_script("test.py", "--out_dir", run)  # ... by test.py
+    assert f"warning: checkpoint {crafted}" in result.stderr and "epoch-0002-step-00000038" in result.stdout
+    torch.save({"model": RunsCommand(marker)}, crafted)
+    result = train(root, "--resume", "auto", "--epochs", "3")  # ... and by resume
+    assert f"warning: checkpoint {crafted}" in result.stderr and "at step 38" in result.stdout
+    assert not marker.exists()
+
+
+def test_resume_refuses_changed_eff_batch_size_and_mismatched_shapes(tmp_path, two_epochs):
+    root = tmp_path / "runs"
+    shutil.copytree(two_epochs, root)
+    run = only_run(root)
+    result = train(root, "--resume", run, "--eff_batch_size", "32", "--epochs", "3", check_rc=2)
+    assert_one_error_line(result, "eff_batch_size=32", "64")
+    newest = checkpoints(run)[-1]
+    state = load(newest)
+    state["model"]["0.weight"] = torch.zeros(16, 1, 3, 3)
+    torch.save(state, newest)
+    result = train(root, "--resume", run, "--epochs", "3", check_rc=2)
+    assert_one_error_line(result, f"checkpoint {newest} does not fit the model")
+
+
+def test_resume_on_another_world_size_keeps_eff_batch_size(tmp_path, two_epochs):
+    root = tmp_path / "runs"
+    shutil.copytree(two_epochs, root)
+    result = train(root, "--resume", "auto", "--epochs", "3", "--devices", "2")
+    assert "resuming on world size 2 (was 1): 32 samples per device" in result.stdout
+    assert load(checkpoints(only_run(root))[-1])["global_step"] == 57
+
+
+# -- retention -----------------------------------------------------------------------------------------------------
+
+def test_retention_counts_earlier_files_and_spares_the_resumed_checkpoint(tmp_path):
+    root = tmp_path / "runs"
+    train(root, "--epochs", "3")
+    run = only_run(root)
+    assert len(names(run)) == 3
+    train(root, "--resume", run, "--epochs", "5", "--num_checkpoint_keep", "1")
+    assert names(run) == ["epoch-0003-step-00000057.ckpt", "epoch-0005-step-00000095.ckpt"]
+
+
+def small_disk(path, megabytes):
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m", "tmpfs", str(path)],
+                             capture_output=True).returncode == 0
+    return mounted
+
+
+def test_disk_full_during_save(tmp_path):
+    """A real ENOSPC: the run lives on a small tmpfs that is filled up before the next save."""
+    disk = tmp_path / "disk"
+    if not small_disk(disk, 16):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        root = disk / "runs"
+        train(root, "--epochs", "1")
+        run = only_run(root)
+        before = names(run)
+        stat = os.statvfs(disk)
+        (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 300_000))  # leave ~300 kB
+        result = train(root, "--resume", run, "--epochs", "2", check_rc=1)
+        assert "could not save checkpoint" in result.stderr and "epoch-0002-step-00000038.ckpt" in result.stderr
+        assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+        assert names(run) == before and load(checkpoints(run)[-1])["global_step"] == 19
+        assert not list((run / "checkpoints").glob(".*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+# -- bad states ----------------------------------------------------------------------------------------------------
+
+def test_nan_on_one_rank_stops_every_rank_before_the_step(tmp_path):
+    """A real NaN in rank 1's output at step 25: both ranks stop, no checkpoint after the last good one."""
+    result = train(tmp_path, "--devices", "2", script="tests/fault_driver.py", check_rc=1,
+                   env={"FAULT": "nan", "FAULT_AT_FORWARD": "25", "FAULT_RANKS": "1"})
+    assert "loss is nan at step 25" in result.stderr and "Traceback" not in result.stderr
+    assert names(only_run(tmp_path)) == ["epoch-0001-step-00000019.ckpt"]
+
+
+# -- preemption from outside ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_and_resume_auto_continues_exactly(tmp_path, signum):
+    """The signal comes from outside at whatever step the run is at; the same command with --resume auto then
+    ends bit-identical to a run that was never stopped. With 2 processes the signal reaches rank 0 only."""
+    command = [sys.executable, str(REPO / "train.py"), "--root_dir", str(tmp_path / "runs"), *ARGS, "--epochs", "3",
+               "--devices", "2", "--resume", "auto"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "runs").glob("*/checkpoints/*.ckpt")) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 143, output
+    run = only_run(tmp_path / "runs")
+    stopped_at = load(checkpoints(run)[-1])["global_step"]
+    assert 19 <= stopped_at < 57 and f"step {stopped_at}; rerun with --resume auto" in output
+    assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
+    run_script("train.py", "--root_dir", tmp_path / "reference", *ARGS, "--epochs", "3", "--devices", "2")
+    final, reference = load(checkpoints(run)[-1]), load(checkpoints(only_run(tmp_path / "reference"))[-1])
+    assert all(torch.equal(final["model"][k], reference["model"][k]) for k in reference["model"])
+
+
+# -- loggers across a resume ---------------------------------------------------------------------------------------
+
+def test_loggers_continue_after_a_kill(tmp_path):
+    """SIGKILL at step 30 (after rows for steps 23 and 27 were logged, past the step-19 checkpoint), resume:
+    csv and TensorBoard show every step once, with the values of a run that never stopped; wandb keeps its id."""
+    args = ["--logger_name", "csv", "tensorboard", "wandb"]
+    train(tmp_path / "killed", *args, script="tests/fault_driver.py", check_rc=-signal.SIGKILL,
+          env={"FAULT": "sigkill", "FAULT_AT_FORWARD": "30"})
+    run = only_run(tmp_path / "killed")
+    train(tmp_path / "killed", *args, "--resume", run)
+    train(tmp_path / "reference", *args)
+
+    def csv_rows(run):
+        with open(run / "logs" / "csv" / "metrics.csv") as f:
+            return [(r["step"], r["train_loss"], r["val_loss"]) for r in csv.DictReader(f)]
+
+    def tb_steps(run, tag):
+        events = EventAccumulator(str(run / "logs" / "tensorboard"))
+        events.Reload()
+        return [(e.step, round(e.value, 6)) for e in events.Scalars(tag)]
+
+    reference = only_run(tmp_path / "reference")
+    assert csv_rows(run) == csv_rows(reference)
+    for tag in ("train_loss", "val_loss"):
+        assert tb_steps(run, tag) == tb_steps(reference, tag)
+    wandb_runs = sorted((run / "logs" / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 2 and all(p.name.endswith(f"-{run.name}") for p in wandb_runs)
