@@ -23,7 +23,7 @@ from utils.samplers import ShardSampler
 
 def main() -> None:
     # -- config: the run's own config.yaml, under any flags given here --------------------------------------------
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, add_help=False,
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", type=Path, required=True, help="The run folder to evaluate.")
     parser.add_argument("--checkpoint", type=Path, default=None, help="Checkpoint file; default: the newest.")

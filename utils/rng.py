@@ -34,8 +34,9 @@ def restore_rng(state: dict[str, torch.Tensor]) -> None:
 
 def gather_rng(fabric: Fabric) -> list[dict[str, torch.Tensor]]:
     """Every rank's random state, as a list indexed by global rank (all ranks must call this)."""
-    local = {k: v.to(fabric.device) for k, v in capture_rng().items()}
-    gathered = fabric.all_gather(local)
-    if fabric.world_size == 1:
-        gathered = {k: v.unsqueeze(0) for k, v in gathered.items()}
-    return [{k: v[rank].cpu().clone() for k, v in gathered.items()} for rank in range(fabric.world_size)]  # own storage
+    gathered = {}
+    for name, value in capture_rng().items():
+        slots = torch.zeros(fabric.world_size, *value.shape, dtype=value.dtype, device=fabric.device)
+        slots[fabric.global_rank] = value  # a sum over ranks of one filled slot each is a gather
+        gathered[name] = fabric.all_reduce(slots, reduce_op="sum").cpu()
+    return [{name: value[rank].clone() for name, value in gathered.items()} for rank in range(fabric.world_size)]
