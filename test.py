@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from config import fail, parse_config, read_yaml
 from data import make_datasets
 from model import make_model
-from train import evaluate, make_fabric
+from train import evaluate, make_fabric, print0
 from utils.checkpoint import CheckpointError, pick_checkpoint
 from utils.samplers import ShardSampler
 
@@ -56,7 +56,7 @@ def main() -> None:
 
     # -- evaluate (all ranks) and report (rank 0) ----------------------------------------------------------------
     metrics = {"checkpoint": str(checkpoint), **evaluate(fabric, model, loader)}
-    fabric.print(f"test loss {metrics['loss']:.4f}, test acc {metrics['acc']:.4f} "
+    print0(f"test loss {metrics['loss']:.4f}, test acc {metrics['acc']:.4f} "
                  f"on {metrics['samples']} samples ({checkpoint.name})")
     if fabric.is_global_zero:
         (args.out_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -47,6 +48,8 @@ from utils.preemption import EXIT_PREEMPTED, StopRequest
 from utils.rng import gather_rng, restore_rng
 from utils.run_dir import create_run_dir, find_resume_target, write_config
 from utils.samplers import ResumableShuffleSampler, ShardSampler
+
+print0 = rank_zero_only(print)  # all printing on global rank 0 (fabric.print prints once per node)
 
 
 @torch.no_grad()
@@ -140,10 +143,10 @@ def main(cfg: Config) -> None:
         if state["world_size"] == fabric.world_size:
             restore_rng(rng[fabric.global_rank])
         else:
-            fabric.print(f"resuming on world size {fabric.world_size} (was {state['world_size']}): "
+            print0(f"resuming on world size {fabric.world_size} (was {state['world_size']}): "
                          f"{batches.per_device} samples per device, {batches.accum_steps} accumulation steps; "
                          f"random states start afresh")
-        fabric.print(f"resumed from {resumed_from} at step {state['global_step']}")
+        print0(f"resumed from {resumed_from} at step {state['global_step']}")
     start_step = state["global_step"]
 
     # -- config.yaml and loggers (rank 0 writes; the loggers are no-ops on other ranks) ---------------------------
@@ -154,7 +157,7 @@ def main(cfg: Config) -> None:
         write_config(run_dir, cfg, derived)
     fabric._loggers = make_loggers(cfg.logger_name, run_dir, start_step, cfg.wandb_project)  # needs the run folder
     log_hyperparams(fabric.loggers, {**dataclasses.asdict(cfg), **derived})
-    fabric.print(f"run folder {run_dir}: {fabric.world_size} process(es) x {batches.per_device} samples "
+    print0(f"run folder {run_dir}: {fabric.world_size} process(es) x {batches.per_device} samples "
                  f"({batches.accum_steps} x {batches.micro}) = {cfg.eff_batch_size} per step, lr {lr:.3g}")
 
     # -- training loop -------------------------------------------------------------------------------------------
@@ -182,7 +185,7 @@ def main(cfg: Config) -> None:
             flags = torch.stack([step_loss.float(), step_loss.new_tensor(stop.requested, dtype=torch.float32)])
             loss_sum, stop_votes = fabric.all_reduce(flags, reduce_op="sum").tolist()
             if not math.isfinite(loss_sum):
-                fabric.print(f"error: loss is {loss_sum} at step {global_step + 1}; stopping before the optimizer "
+                print0(f"error: loss is {loss_sum} at step {global_step + 1}; stopping before the optimizer "
                              f"step, no checkpoint written", file=sys.stderr)
                 sys.exit(1)
             if cfg.grad_clip is not None:
@@ -210,7 +213,7 @@ def main(cfg: Config) -> None:
             if end_of_epoch:
                 val = evaluate(fabric, model, val_loader)  # all ranks
                 metrics |= {"val_loss": val["loss"], "val_acc": val["acc"], "epoch": epoch + 1}
-                fabric.print(f"epoch {epoch + 1}: val loss {val['loss']:.4f}, val acc {val['acc']:.4f}")
+                print0(f"epoch {epoch + 1}: val loss {val['loss']:.4f}, val acc {val['acc']:.4f}")
             if metrics:
                 fabric.log_dict(metrics, step=global_step)
 
@@ -224,18 +227,18 @@ def main(cfg: Config) -> None:
                 try:
                     path = save_checkpoint(fabric, ckpt_dir, checkpoint_name(state["epoch"], global_step), state)
                 except CheckpointError as err:
-                    fabric.print(f"error: {err}", file=sys.stderr)
+                    print0(f"error: {err}", file=sys.stderr)
                     sys.exit(1)
                 if fabric.is_global_zero:
                     prune_checkpoints(ckpt_dir, cfg.num_checkpoint_keep, protect=resumed_from)
             if stop_votes:
-                fabric.print(f"stop requested: saved {path} at step {global_step}; rerun with --resume auto",
+                print0(f"stop requested: saved {path} at step {global_step}; rerun with --resume auto",
                              file=sys.stderr)
                 sys.exit(EXIT_PREEMPTED)
     progress.close()
     for logger in fabric.loggers:
         logger.finalize("success")
-    fabric.print(f"done: {run_dir}")
+    print0(f"done: {run_dir}")
 
 
 if __name__ == "__main__":

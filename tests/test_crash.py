@@ -248,3 +248,25 @@ def test_loggers_continue_after_a_kill(tmp_path):
         assert tb_steps(run, tag) == tb_steps(reference, tag)
     wandb_runs = sorted((run / "logs" / "wandb").glob("offline-run-*"))
     assert len(wandb_runs) == 2 and all(p.name.endswith(f"-{run.name}") for p in wandb_runs)
+
+
+def test_grad_scaler_state_survives_a_checkpoint(tmp_path):
+    """16-mixed keeps its loss scale across a resume. Fabric uses a scaler only on CUDA (16-mixed becomes bf16 on
+    CPU), so this builds Fabric's 16-mixed plugin on CPU by hand and round-trips it as train.py's state does."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins import MixedPrecision
+
+    from utils.checkpoint import AtomicCheckpointIO, save_checkpoint
+
+    def fabric_16_mixed():
+        return Fabric(accelerator="cpu", devices=1, plugins=[AtomicCheckpointIO(), MixedPrecision("16-mixed", "cpu")])
+
+    saver = fabric_16_mixed()
+    scaler = saver.strategy.precision.scaler
+    scaler.scale(torch.ones(()))  # the scaler starts lazily, at its first use
+    scaler.update(new_scale=1234.0)
+    path = save_checkpoint(saver, tmp_path, "epoch-0001-step-00000001.ckpt", {"scaler": scaler})
+    assert load(path)["scaler"]["scale"] == 1234.0  # weights_only loading opens it
+    loader = fabric_16_mixed()
+    loader.load(path, {"scaler": loader.strategy.precision.scaler})
+    assert loader.strategy.precision.scaler.get_scale() == 1234.0

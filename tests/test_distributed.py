@@ -46,6 +46,7 @@ def test_two_nodes_over_loopback_make_one_run(tmp_path):
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outputs
+    assert sum(output.count("done:") for output in outputs) == 1  # printing on global rank 0 only
     run = only_run(root)
     assert yaml.safe_load((run / "config.yaml").read_text())["derived"]["world_size"] == 2
     # two nodes of one process each train exactly like one process
