@@ -113,7 +113,7 @@ def main(cfg: Config) -> None:
     model, optimizer = fabric.setup(model, optimizer)
 
     # -- run folder: the resumed run's own, or a new one chosen on rank 0 and shared with all ranks --------------
-    resume_dir, resume_file = find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir)
+    resume_dir, resume_file = fabric.broadcast(find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir))  # all ranks
     run_dir = resume_dir or (create_run_dir(cfg.root_dir, cfg.out_dir) if fabric.is_global_zero else None)
     run_dir = fabric.broadcast(run_dir)  # all ranks
     ckpt_dir = run_dir / "checkpoints"
