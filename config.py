@@ -15,8 +15,9 @@ import yaml
 from lightning.fabric.accelerators import ACCELERATOR_REGISTRY
 from lightning.fabric.connector import _PRECISION_INPUT_STR
 from lightning.fabric.strategies import STRATEGY_REGISTRY
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from simple_parsing.helpers import list_field
+
+from utils.exits import fail
 
 LOGGERS = ("csv", "tensorboard", "wandb")
 PRECISIONS = get_args(_PRECISION_INPUT_STR)
@@ -151,13 +152,6 @@ def read_yaml(path: Path) -> dict:
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r}")
     return values
-
-
-def fail(message: str):
-    """Bad input: one line naming the field and the value, exit status 2, no traceback."""
-    if rank_zero_only.rank == 0:  # after launch every rank fails alike; one of them says so
-        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_config(argv: list[str] | None = None, saved: dict | None = None, description: str | None = None) -> Config:

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from config import fail, parse_config, read_yaml
+from config import parse_config, read_yaml
 from data import make_datasets
 from model import make_model
 from train import evaluate, make_fabric, print0
 from utils.checkpoint import CheckpointError, pick_checkpoint
+from utils.exits import fail
 from utils.samplers import ShardSampler
 
 

@@ -31,7 +31,7 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
-from config import Config, fail, load_config
+from config import Config, load_config
 from data import NUM_CLASSES, make_datasets
 from model import make_model
 from utils.batching import plan_batches, planned_world_size, scaled_lr
@@ -43,6 +43,7 @@ from utils.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from utils.exits import exit_run, fail
 from utils.loggers import log_hyperparams, make_loggers
 from utils.preemption import EXIT_PREEMPTED, StopRequest
 from utils.rng import gather_rng, restore_rng
@@ -185,9 +186,8 @@ def main(cfg: Config) -> None:
             flags = torch.stack([step_loss.float(), step_loss.new_tensor(stop.requested, dtype=torch.float32)])
             loss_sum, stop_votes = fabric.all_reduce(flags, reduce_op="sum").tolist()
             if not math.isfinite(loss_sum):
-                print0(f"error: loss is {loss_sum} at step {global_step + 1}; stopping before the optimizer "
-                             f"step, no checkpoint written", file=sys.stderr)
-                sys.exit(1)
+                fail(f"loss is {loss_sum} at step {global_step + 1}; stopped before the optimizer step, "
+                     f"no checkpoint written", status=1)
             if cfg.grad_clip is not None:
                 fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip)
             optimizer.step()
@@ -227,14 +227,13 @@ def main(cfg: Config) -> None:
                 try:
                     path = save_checkpoint(fabric, ckpt_dir, checkpoint_name(state["epoch"], global_step), state)
                 except CheckpointError as err:
-                    print0(f"error: {err}", file=sys.stderr)
-                    sys.exit(1)
+                    fail(str(err), status=1)
                 if fabric.is_global_zero:
                     prune_checkpoints(ckpt_dir, cfg.num_checkpoint_keep, protect=resumed_from)
             if stop_votes:
                 print0(f"stop requested: saved {path} at step {global_step}; rerun with --resume auto",
-                             file=sys.stderr)
-                sys.exit(EXIT_PREEMPTED)
+                       file=sys.stderr)
+                exit_run(EXIT_PREEMPTED)
     progress.close()
     for logger in fabric.loggers:
         logger.finalize("success")
