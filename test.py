@@ -58,7 +58,7 @@ def main() -> None:
     # -- evaluate (all ranks) and report (rank 0) ----------------------------------------------------------------
     metrics = {"checkpoint": str(checkpoint), **evaluate(fabric, model, loader)}
     print0(f"test loss {metrics['loss']:.4f}, test acc {metrics['acc']:.4f} "
-                 f"on {metrics['samples']} samples ({checkpoint.name})")
+           f"on {metrics['samples']} samples ({checkpoint.name})")
     if fabric.is_global_zero:
         (args.out_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 

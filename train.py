@@ -145,8 +145,8 @@ def main(cfg: Config) -> None:
             restore_rng(rng[fabric.global_rank])
         else:
             print0(f"resuming on world size {fabric.world_size} (was {state['world_size']}): "
-                         f"{batches.per_device} samples per device, {batches.accum_steps} accumulation steps; "
-                         f"random states start afresh")
+                   f"{batches.per_device} samples per device, {batches.accum_steps} accumulation steps; "
+                   f"random states start afresh")
         print0(f"resumed from {resumed_from} at step {state['global_step']}")
     start_step = state["global_step"]
 
@@ -159,7 +159,7 @@ def main(cfg: Config) -> None:
     fabric._loggers = make_loggers(cfg.logger_name, run_dir, start_step, cfg.wandb_project)  # needs the run folder
     log_hyperparams(fabric.loggers, {**dataclasses.asdict(cfg), **derived})
     print0(f"run folder {run_dir}: {fabric.world_size} process(es) x {batches.per_device} samples "
-                 f"({batches.accum_steps} x {batches.micro}) = {cfg.eff_batch_size} per step, lr {lr:.3g}")
+           f"({batches.accum_steps} x {batches.micro}) = {cfg.eff_batch_size} per step, lr {lr:.3g}")
 
     # -- training loop -------------------------------------------------------------------------------------------
     global_step = start_step
