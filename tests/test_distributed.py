@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -64,3 +65,13 @@ def test_test_py_on_four_ranks_counts_each_sample_once(root):
     assert one["samples"] == four["samples"] == 270
     assert abs(one["loss"] - four["loss"]) < 1e-6 and abs(one["acc"] - four["acc"]) < 1e-9
     assert single.stdout.count("test loss") == 1
+
+
+def test_fabric_run_launches_the_same_script(root):
+    """Under `fabric run` the processes exist before train.py starts; it must not launch again."""
+    fabric_cli = str(Path(sys.executable).parent / "fabric")
+    result = subprocess.run([fabric_cli, "run", "--accelerator", "cpu", "--devices", "2", str(REPO / "train.py"),
+                             "--root_dir", str(root), "--epochs", "1", "--logger_name", "csv"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert yaml.safe_load((only_run(root) / "config.yaml").read_text())["derived"]["world_size"] == 2
