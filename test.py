@@ -18,7 +18,7 @@ from data import make_datasets
 from model import make_model
 from train import evaluate, make_fabric, print0
 from utils.checkpoint import CheckpointError, pick_checkpoint
-from utils.exits import fail
+from utils.exits import exit_run, fail
 from utils.samplers import ShardSampler
 
 
@@ -65,3 +65,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_run(0)  # under DDP: without interpreter teardown (see utils/exits.py)

@@ -187,7 +187,7 @@ def main(cfg: Config) -> None:
             loss_sum, stop_votes = fabric.all_reduce(flags, reduce_op="sum").tolist()
             if not math.isfinite(loss_sum):
                 fail(f"loss is {loss_sum} at step {global_step + 1}; stopped before the optimizer step, "
-                     f"no checkpoint written", status=1)
+                     f"no checkpoint written", status=1, loggers=fabric.loggers)
             if cfg.grad_clip is not None:
                 fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip)
             optimizer.step()
@@ -227,13 +227,13 @@ def main(cfg: Config) -> None:
                 try:
                     path = save_checkpoint(fabric, ckpt_dir, checkpoint_name(state["epoch"], global_step), state)
                 except CheckpointError as err:
-                    fail(str(err), status=1)
+                    fail(str(err), status=1, loggers=fabric.loggers)
                 if fabric.is_global_zero:
                     prune_checkpoints(ckpt_dir, cfg.num_checkpoint_keep, protect=resumed_from)
             if stop_votes:
                 print0(f"stop requested: saved {path} at step {global_step}; rerun with --resume auto",
                        file=sys.stderr)
-                exit_run(EXIT_PREEMPTED)
+                exit_run(EXIT_PREEMPTED, fabric.loggers)
     progress.close()
     for logger in fabric.loggers:
         logger.finalize("success")
@@ -242,3 +242,4 @@ def main(cfg: Config) -> None:
 
 if __name__ == "__main__":
     main(load_config(description=__doc__))
+    exit_run(0)  # under DDP: without interpreter teardown, which can deadlock in torch's process-group destructor

@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,17 @@ FAST = ["--accelerator", "cpu", "--epochs", "2", "--logger_name", "csv", "tensor
 def run_script(script: str, *args, cwd=None, env=None, timeout=300, check_rc: int | None = 0):
     """Runs a repo script (train.py, test.py, ...) in a fresh Python process and returns the CompletedProcess."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
-    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd or REPO, env=full_env,
-                            capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, str(REPO / script), *map(str, args)]
+    # a session of its own, so that a timeout kills every rank the script started, not only the first
+    proc = subprocess.Popen(command, cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    result = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
     if check_rc is not None:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         assert result.returncode == check_rc, f"rc={result.returncode}\n{output}"

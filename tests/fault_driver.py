@@ -63,3 +63,4 @@ if os.environ.get("BREAK"):
     break_resume(os.environ["BREAK"])
 register_module_forward_hook(inject)
 train.main(train.load_config(description=train.__doc__))  # not runpy: it would point sys.argv[0] at train.py
+train.exit_run(0)

@@ -1,6 +1,7 @@
-"""Leaving a run on purpose: a one-line error on rank 0 and an exit status, with no traceback and no rank left
-aborting in teardown."""
+"""Leaving a run on purpose: a one-line error on rank 0 and an exit status, with no traceback, and no rank left
+hanging or aborting in teardown."""
 
+import os
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -8,17 +9,26 @@ from typing import NoReturn
 import torch.distributed
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from utils.preemption import EXIT_PREEMPTED
 
-def exit_run(status: int) -> NoReturn:
-    """Exits this rank with `status`. Every rank gets here at the same step, so the process group is closed first:
-    exiting with it open can abort in teardown ('terminate called without an active exception')."""
+
+def exit_run(status: int, loggers=()) -> NoReturn:
+    """Closes the loggers and exits this rank with `status`.
+
+    Under DDP it skips interpreter teardown: there torch's gloo process-group destructor joins its worker thread
+    while holding the GIL and can deadlock (or abort with 'terminate called without an active exception').
+    """
+    for logger in loggers:
+        logger.finalize("success" if status in (0, EXIT_PREEMPTED) else "failed")
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)
 
 
-def fail(message: str, status: int = 2) -> NoReturn:
+def fail(message: str, status: int = 2, loggers=()) -> NoReturn:
     """Bad input (status 2) or a run that cannot go on: one line naming what is wrong, then exit."""
     if rank_zero_only.rank == 0:  # after launch every rank fails alike; one of them says so
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-    exit_run(status)
+    exit_run(status, loggers)
