@@ -5,6 +5,7 @@ then flags on the command line.
 """
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,6 @@ import simple_parsing
 import yaml
 from lightning.fabric.accelerators import ACCELERATOR_REGISTRY
 from lightning.fabric.connector import _PRECISION_INPUT_STR
-from lightning.fabric.strategies import STRATEGY_REGISTRY
 from simple_parsing.helpers import list_field
 
 from utils.exits import fail
@@ -22,7 +22,8 @@ from utils.exits import fail
 LOGGERS = ("csv", "tensorboard", "wandb")
 PRECISIONS = get_args(_PRECISION_INPUT_STR)
 ACCELERATORS = ("auto", "gpu", *ACCELERATOR_REGISTRY.available_accelerators())
-STRATEGIES = ("auto", *STRATEGY_REGISTRY.available_strategies())
+# strategies whose launcher re-runs this script: "ddp_spawn" and the like would need main() passed to launch()
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp")
 
 
 @dataclass
@@ -36,18 +37,19 @@ class Config:
     num_nodes: int = 1
     """Number of nodes (machines)."""
     strategy: str = "auto"
-    """Distribution strategy: auto, ddp, fsdp, deepspeed, ..."""
+    """Distribution strategy: auto, ddp, ddp_find_unused_parameters_true, or fsdp (GPU only; untested here)."""
     precision: str | None = None
     """Numeric precision: 32-true, 16-mixed, bf16-mixed, 64-true, ... Unset means Fabric's default (32-true)."""
 
     root_dir: str = "runs"
     """Folder that holds all run folders."""
     out_dir: str = "train_out"
-    """Run name: a run goes to ROOT_DIR/<YYYYmmdd-HHMMSS>-OUT_DIR."""
+    """Run name (not a path): a run goes to ROOT_DIR/<YYYYmmdd-HHMMSS>-OUT_DIR."""
     comment: str = ""
     """A short note on this run, kept in config.yaml and sent to the loggers."""
     resume: str | None = None
-    """Run folder to continue from its newest checkpoint, or 'auto' for the newest run named *-OUT_DIR."""
+    """A run folder to continue from its newest checkpoint, a checkpoint file in one, or 'auto': the newest
+    unfinished run named *-OUT_DIR (in a SLURM batch job: the run this job started), else a new run."""
     seed: int = 42
     """Seed for model init, data order and dropout."""
 
@@ -91,12 +93,16 @@ class Config:
             self.devices = int(self.devices)
         checks = [
             ("accelerator", self.accelerator in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
-            ("strategy", self.strategy in STRATEGIES, "a registered Fabric strategy"),
+            ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)} (the strategies this "
+                                                      "template runs)"),
             ("precision", self.precision is None or self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             ("devices", _valid_devices(self.devices), "'auto', -1, a positive number or a list like '0,1'"),
             ("num_nodes", self.num_nodes >= 1, "at least 1"),
             ("lr_scaling_rule", self.lr_scaling_rule in ("linear", "sqrt", "none"), "linear, sqrt or none"),
-            ("logger_name", set(self.logger_name) <= set(LOGGERS), f"one or more of {', '.join(LOGGERS)}"),
+            ("logger_name", self.logger_name and set(self.logger_name) <= set(LOGGERS),
+             f"one or more of {', '.join(LOGGERS)}"),
+            ("out_dir", self.out_dir and Path(self.out_dir).name == self.out_dir and self.out_dir not in (".", ".."),
+             "a name, not a path: the run folder is ROOT_DIR/<stamp>-OUT_DIR, so put the parent folder in root_dir"),
             ("weight_decay", self.weight_decay >= 0, "at least 0"),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("num_workers", self.num_workers >= 0, "at least 0"),
@@ -139,6 +145,13 @@ def _as_flags(values: dict) -> list[str]:
     return flags
 
 
+def _check_keys(values: dict) -> dict:
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Config)})
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r}")
+    return values
+
+
 def read_yaml(path: Path) -> dict:
     """Reads a config file into {field: value}; an unreadable file or an unknown key is an error."""
     try:
@@ -147,16 +160,25 @@ def read_yaml(path: Path) -> dict:
         raise ValueError(f"cannot be read ({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise ValueError("expected a mapping of field: value")
-    values.pop("derived", None)  # a run's config.yaml also lists values derived from the config
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Config)})
-    if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r}")
-    return values
+    if values.pop("derived", None) is not None:  # a run's config.yaml: a record of settings, not a resume
+        values.pop("resume", None)
+    return _check_keys(values)
+
+
+def _bare_flag(argv: list[str]) -> str | None:
+    """The first flag of a field that takes a value but was given none (simple_parsing would quietly use None)."""
+    takes_value = {f"--{f.name}" for f in dataclasses.fields(Config) if f.type is not bool} | {"--config_path"}
+    for i, flag in enumerate(argv):
+        if flag in takes_value and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            return flag
+    return None
 
 
 def parse_config(argv: list[str] | None = None, saved: dict | None = None, description: str | None = None) -> Config:
-    """Parses flags over --config_path over `saved` (a run's own config.yaml) over the defaults."""
+    """Parses flags over --config_path over `saved` (a run's own settings) over the defaults."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    if _bare_flag(argv):
+        fail(f"{_bare_flag(argv)} needs a value")
     parser = make_parser(description)
     try:
         config_path = parser.parse_known_args(argv)[0].config_path
@@ -175,14 +197,38 @@ def parse_config(argv: list[str] | None = None, saved: dict | None = None, descr
         fail(str(err))
 
 
+RESUME_CHOICE = "FABRIC_TEMPLATE_RESUME"  # what the launching process resolved; the processes Fabric starts inherit it
+
+
 def load_config(argv: list[str] | None = None, description: str | None = None) -> Config:
-    """parse_config, and with --resume: the resumed run's own config.yaml under the flags, so nothing is repeated."""
-    from utils.run_dir import find_resume_target
+    """parse_config, with --resume resolved to a run folder or checkpoint (None: a new run), and that run's own
+    settings under the flags, so nothing is repeated. Reads only."""
+    from utils.run_dir import find_resume_target, run_record
 
     cfg = parse_config(argv, description=description)
+    if cfg.resume is None:
+        return cfg
+    if RESUME_CHOICE not in os.environ:  # processes that Fabric starts later must not choose again
+        try:
+            run_dir, checkpoint = find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir)
+        except ValueError as err:
+            fail(str(err))
+        os.environ[RESUME_CHOICE] = str(checkpoint or run_dir or "")
+    cfg.resume = os.environ[RESUME_CHOICE] or None
+    if cfg.resume is None:
+        return cfg
+    run_dir, _ = find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir)
     try:
-        run_dir, _ = find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir)
-        saved = read_yaml(run_dir / "config.yaml") if run_dir else None
-    except ValueError as err:
-        fail(f"resume={cfg.resume!r}: {err}" if "resume=" not in str(err) else str(err))
-    return parse_config(argv, saved=saved, description=description) if saved else cfg
+        saved = _check_keys(run_record(run_dir)[0])
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        fail(f"resume={cfg.resume!r}: the run's record cannot be read ({str(err).splitlines()[0]})")
+    saved.pop("resume", None)
+    cfg = parse_config(argv, saved=saved, description=description)
+    cfg.resume = os.environ[RESUME_CHOICE]
+    return cfg
+
+
+def settings_record(cfg: Config) -> dict:
+    """The settings as recorded in config.yaml, checkpoints and loggers: everything but `resume`, which says how
+    this process started, not how the run trains."""
+    return {name: value for name, value in dataclasses.asdict(cfg).items() if name != "resume"}

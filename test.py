@@ -1,29 +1,31 @@
-"""Evaluate a finished run on the test split: prints loss and accuracy, writes RUN/test_metrics.json.
+"""Evaluate a run on the test split: prints loss and accuracy, writes RUN/test_metrics.json.
 
     python test.py --out_dir runs/20261122-104500-train_out
     python test.py --out_dir RUN --checkpoint RUN/checkpoints/epoch-0010-step-00000190.ckpt
     python test.py --out_dir RUN --accelerator cpu --devices 2    # any train.py flag overrides the run's config
 
-Every test sample is counted exactly once on any number of devices (no sampler padding).
+It only reads the run: safe while the run is still training. Every test sample is counted exactly once on any
+number of devices (no sampler padding), and each device forwards at most the run's training micro-batch.
 """
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from config import parse_config, read_yaml
-from data import make_datasets
+from config import parse_config
 from model import make_model
-from train import evaluate, make_fabric, print0
-from utils.checkpoint import CheckpointError, pick_checkpoint
+from train import evaluate, launch, load_datasets, make_fabric, print0
+from utils.checkpoint import CheckpointError, model_mismatch, open_checkpoint, pick_checkpoint
 from utils.exits import exit_run, fail
+from utils.run_dir import run_record
 from utils.samplers import ShardSampler
 
 
 def main() -> None:
-    # -- config: the run's own config.yaml, under any flags given here --------------------------------------------
+    # -- config: the run's own settings (config.yaml and its resumes), under any flags given here -----------------
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", type=Path, required=True, help="The run folder to evaluate.")
@@ -32,35 +34,41 @@ def main() -> None:
     if not (args.out_dir / "config.yaml").is_file():
         fail(f"out_dir={str(args.out_dir)!r} is not a run folder (no config.yaml)")
     try:
-        saved = read_yaml(args.out_dir / "config.yaml")
-    except ValueError as err:
-        fail(f"out_dir={str(args.out_dir)!r}: config.yaml {err}")
+        saved, derived = run_record(args.out_dir)
+    except (OSError, ValueError) as err:
+        fail(f"out_dir={str(args.out_dir)!r}: its record cannot be read ({str(err).splitlines()[0]})")
     cfg = parse_config(rest, saved=saved, description=__doc__)
 
     # -- setup, data, model --------------------------------------------------------------------------------------
     fabric = make_fabric(cfg)
-    fabric.launch()
-    _, _, test_set = make_datasets(cfg)
-    loader = DataLoader(test_set, batch_size=cfg.micro_batch_size or cfg.eff_batch_size, num_workers=cfg.num_workers,
+    launch(fabric)
+    _, _, test_set = load_datasets(fabric, cfg)
+    batch_size = min(filter(None, (derived.get("micro_batch_size"), cfg.micro_batch_size, cfg.eff_batch_size)))
+    loader = DataLoader(test_set, batch_size=batch_size, num_workers=cfg.num_workers,
                         sampler=ShardSampler(len(test_set), fabric.world_size, fabric.global_rank))
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
     model = fabric.setup_module(make_model(cfg))
 
-    # -- checkpoint: the one named, or the newest that opens (all ranks) -----------------------------------------
+    # -- checkpoint: the one named, or the newest that opens; nothing in the run is moved or deleted (all ranks) ---
     try:
-        checkpoint = pick_checkpoint(fabric, args.out_dir / "checkpoints", args.checkpoint)
+        checkpoint = pick_checkpoint(fabric, args.out_dir / "checkpoints", args.checkpoint, read_only=True)
     except CheckpointError as err:
         fail(f"checkpoint={str(args.checkpoint)!r}: {err}")
     if checkpoint is None:
         fail(f"out_dir={str(args.out_dir)!r} holds no checkpoint that opens")
-    fabric.load(checkpoint, {"model": model}, strict=False)
+    mismatch = model_mismatch(open_checkpoint(checkpoint)["model"], model.state_dict())
+    if mismatch:
+        fail(f"checkpoint {checkpoint} does not fit the model: {mismatch}")
+    fabric.load(checkpoint, {"model": model})
 
     # -- evaluate (all ranks) and report (rank 0) ----------------------------------------------------------------
     metrics = {"checkpoint": str(checkpoint), **evaluate(fabric, model, loader)}
     print0(f"test loss {metrics['loss']:.4f}, test acc {metrics['acc']:.4f} "
            f"on {metrics['samples']} samples ({checkpoint.name})")
     if fabric.is_global_zero:
-        (args.out_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        tmp = args.out_dir / ".test_metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+        os.replace(tmp, args.out_dir / "test_metrics.json")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Fabric places devices, starts processes and handles precision; everything else i
     python train.py --precision bf16-mixed --devices 4       # 4 GPUs, bf16 autocast
     python train.py --log_per_epoch 4 --logger_name tensorboard csv --checkpoint_frequency 5 --comment "note"
     python train.py --config_path my.yaml --epochs 20        # a YAML file, then flags on top
-    python train.py --resume runs/20261122-104500-train_out  # continue that run (--resume auto: the newest)
+    python train.py --resume runs/20261122-104500-train_out  # continue that run
+    python train.py --resume auto                            # the newest unfinished run, else a new one
     torchrun --nproc_per_node 4 train.py --devices 4
     torchrun --nnodes 2 --node_rank R --nproc_per_node 4 --master_addr HOST --master_port 29500 \
         train.py --devices 4 --num_nodes 2
@@ -15,39 +16,49 @@ Fabric places devices, starts processes and handles precision; everything else i
     sbatch scripts/train.slurm                               # SLURM: srun python train.py ...
 """
 
-import dataclasses
 import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 from tqdm import tqdm
 
-from config import Config, load_config
+from config import Config, load_config, settings_record
 from data import NUM_CLASSES, make_datasets
 from model import make_model
-from utils.batching import plan_batches, planned_world_size, scaled_lr
+from utils.batching import BatchPlan, plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
     AtomicCheckpointIO,
     CheckpointError,
     checkpoint_name,
+    model_mismatch,
+    move_newer_aside,
+    open_checkpoint,
     pick_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
 from utils.exits import exit_run, fail
-from utils.loggers import log_hyperparams, make_loggers
+from utils.loggers import close_loggers, log_hyperparams, make_loggers
 from utils.preemption import EXIT_PREEMPTED, StopRequest
 from utils.rng import gather_rng, restore_rng
-from utils.run_dir import create_run_dir, find_resume_target, write_config
+from utils.run_dir import (
+    RunInUse,
+    create_run_dir,
+    find_resume_target,
+    lock_run_dir,
+    record_resume,
+    record_start,
+)
 from utils.samplers import ResumableShuffleSampler, ShardSampler
 
 print0 = rank_zero_only(print)  # all printing on global rank 0 (fabric.print prints once per node)
@@ -78,6 +89,75 @@ def make_fabric(cfg: Config) -> Fabric:
         fail(str(err).strip().splitlines()[0])
 
 
+def launch(fabric: Fabric) -> None:
+    """Starts the other processes, unless a launcher (torchrun, fabric run) has started all of them already."""
+    world_size = planned_world_size(fabric)
+    launched = int(os.environ.get("WORLD_SIZE", world_size))  # set by torchrun and fabric run
+    if launched != world_size:
+        fail(f"the launcher started {launched} processes but devices x num_nodes = {world_size}: "
+             f"set --devices (per node) and --num_nodes to match it")
+    if not os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes exist already
+        fabric.launch()
+
+
+def load_datasets(fabric: Fabric, cfg: Config) -> tuple[Dataset, Dataset, Dataset]:
+    """data.py's datasets, built by local rank 0 first so that downloads and caches do not race (all ranks)."""
+    with fabric.rank_zero_first(local=True):
+        datasets = make_datasets(cfg)
+    for name, dataset in zip(("train", "val", "test"), datasets, strict=True):
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            fail(f"make_datasets returned a {type(dataset).__name__} as the {name} set: datasets must be map-style "
+                 f"(with __len__ and __getitem__), so that every rank and every resume sees known samples")
+    return datasets
+
+
+def claim_run_dir(fabric: Fabric, cfg: Config) -> tuple[Path, Path | None]:
+    """All ranks: (run folder, checkpoint named by --resume or None). Global rank 0 makes a new folder or takes the
+    resumed run's, and locks it before anything in it is touched: one writer per run folder."""
+    claimed, error = None, None
+    if fabric.is_global_zero:
+        run_dir, named = find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir)  # resolved by load_config
+        try:
+            run_dir = run_dir or create_run_dir(cfg.root_dir, cfg.out_dir)
+            lock_run_dir(run_dir)
+            claimed = run_dir, named
+        except RunInUse as err:
+            error = f"resume={cfg.resume!r}: {err}; wait for it to end or resume another run"
+    error = fabric.broadcast(error)  # all ranks
+    if error:
+        fail(error)
+    return fabric.broadcast(claimed)  # all ranks
+
+
+def resume_state(fabric: Fabric, cfg: Config, ckpt_dir: Path, named: Path | None, state: dict, lr: float,
+                 batches: BatchPlan) -> Path | None:
+    """All ranks: restores `state` from the named checkpoint or the newest that opens, refuses what cannot change
+    mid-run and applies the optimizer settings given now. Returns the checkpoint; None if the run has none yet."""
+    try:
+        path = pick_checkpoint(fabric, ckpt_dir, named)  # all ranks
+    except CheckpointError as err:
+        fail(f"resume={cfg.resume!r}: {err}")
+    if path is None:
+        return None
+    mismatch = model_mismatch(open_checkpoint(path)["model"], state["model"].state_dict())
+    if mismatch:
+        fail(f"checkpoint {path} does not fit the model: {mismatch}")
+    rng = fabric.load(path, state)["rng"]
+    for name in ("eff_batch_size", "seed"):  # a new batch size or seed would change the epoch in progress
+        if state["config"][name] != getattr(cfg, name):
+            fail(f"{name}={getattr(cfg, name)} differs from the checkpoint's {state['config'][name]}: "
+                 f"a resumed run keeps its {name}")
+    for group in state["optimizer"].param_groups:  # settings given now win over the restored ones
+        group.update(lr=lr, weight_decay=cfg.weight_decay)
+    if state["world_size"] == fabric.world_size:
+        restore_rng(rng[fabric.global_rank])
+    else:
+        print0(f"resuming on world size {fabric.world_size} (was {state['world_size']}): "
+               f"{batches.per_device} samples per device, {batches.accum_steps} accumulation steps; "
+               f"random states start afresh")
+    return path
+
+
 def main(cfg: Config) -> None:
     # -- setup: the batch split is checked before any process starts ------------------------------------------
     fabric = make_fabric(cfg)
@@ -86,23 +166,25 @@ def main(cfg: Config) -> None:
     except ValueError as err:
         fail(str(err))
     lr = scaled_lr(cfg.base_lr, cfg.eff_batch_size, cfg.base_batch_size, cfg.lr_scaling_rule)
-    if not os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes exist already
-        fabric.launch()
+    launch(fabric)
+    cfg = fabric.broadcast(cfg)  # all ranks: rank 0's settings, and the run its --resume chose
     stop = StopRequest()  # SIGTERM / SIGUSR1 only set a flag; the loop saves and exits at a step boundary
     # each rank draws its own dropout masks; DDP copies rank 0's initial weights to every rank
     fabric.seed_everything(cfg.seed + fabric.global_rank)
 
     # -- data: every optimizer step sees the same eff_batch_size samples on any number of devices -------------
-    train_set, val_set, _ = make_datasets(cfg)
+    train_set, val_set, _ = load_datasets(fabric, cfg)
     sampler = ResumableShuffleSampler(len(train_set), batches.per_device, fabric.world_size, fabric.global_rank,
                                       cfg.seed)
     steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
         fail(f"eff_batch_size={cfg.eff_batch_size} is larger than the training set ({len(train_set)} samples)")
+    total_steps = cfg.epochs * steps_per_epoch
     # the loader's own generator keeps iterator creation from drawing on the global RNG (exact resume)
     train_loader = DataLoader(train_set, batch_size=batches.micro, sampler=sampler, num_workers=cfg.num_workers,
                               generator=torch.Generator().manual_seed(cfg.seed))
-    val_loader = DataLoader(val_set, batch_size=batches.per_device, num_workers=cfg.num_workers,
+    # validation forwards at most the training micro-batch: a run sized to fit memory in training fits here too
+    val_loader = DataLoader(val_set, batch_size=batches.micro, num_workers=cfg.num_workers,
                             sampler=ShardSampler(len(val_set), fabric.world_size, fabric.global_rank))
     train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
 
@@ -113,61 +195,52 @@ def main(cfg: Config) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     model, optimizer = fabric.setup(model, optimizer)
 
-    # -- run folder: the resumed run's own, or a new one chosen on rank 0 and shared with all ranks --------------
-    resume_dir, resume_file = fabric.broadcast(find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir))  # all ranks
-    run_dir = resume_dir or (create_run_dir(cfg.root_dir, cfg.out_dir) if fabric.is_global_zero else None)
-    run_dir = fabric.broadcast(run_dir)  # all ranks
+    # -- run folder: a new one, or the resumed run's; locked by rank 0 before anything in it is touched ----------
+    run_dir, resume_file = claim_run_dir(fabric, cfg)  # all ranks
     ckpt_dir = run_dir / "checkpoints"
+    resumed = cfg.resume is not None
 
     # -- checkpointed state: fabric.save / fabric.load convert the model and optimizer to state_dicts ----------
     state = {"model": model, "optimizer": optimizer, "global_step": 0, "epoch": 0, "config": {},
-             "world_size": fabric.world_size, "log_loss_sum": 0.0, "log_loss_steps": 0}
+             "world_size": fabric.world_size, "log_loss_sum": 0.0, "log_loss_steps": 0, "finished": False}
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the loss scale must survive too
     if scaler is not None:
         state["scaler"] = scaler
 
     # -- resume: the named checkpoint, or the newest that opens (corrupt ones are moved aside) -------------------
-    resumed_from = None
-    if resume_dir is not None:
-        try:
-            resumed_from = pick_checkpoint(fabric, ckpt_dir, resume_file)  # all ranks
-        except CheckpointError as err:
-            fail(f"resume={cfg.resume!r}: {err}")
-    if resumed_from is not None:
-        try:
-            rng = fabric.load(resumed_from, state)["rng"]
-        except RuntimeError as err:  # a model whose shapes do not match the checkpoint
-            fail(f"checkpoint {resumed_from} does not fit the model: {str(err).strip().splitlines()[-1].strip()}")
-        if state["config"]["eff_batch_size"] != cfg.eff_batch_size:
-            fail(f"eff_batch_size={cfg.eff_batch_size} differs from the checkpoint's "
-                 f"{state['config']['eff_batch_size']}: a resumed run keeps its effective batch size")
-        if state["world_size"] == fabric.world_size:
-            restore_rng(rng[fabric.global_rank])
-        else:
-            print0(f"resuming on world size {fabric.world_size} (was {state['world_size']}): "
-                   f"{batches.per_device} samples per device, {batches.accum_steps} accumulation steps; "
-                   f"random states start afresh")
-        print0(f"resumed from {resumed_from} at step {state['global_step']}")
+    resumed_from = resume_state(fabric, cfg, ckpt_dir, resume_file, state, lr, batches) if resumed else None
     start_step = state["global_step"]
+    if resumed and start_step >= total_steps:
+        print0(f"run {run_dir} finished at step {start_step}; nothing to train: raise --epochs to train on")
+        exit_run(0)
+    abandoned = move_newer_aside(ckpt_dir, resumed_from) if resume_file and fabric.is_global_zero else None
+    if abandoned:
+        print0(f"resuming from an earlier checkpoint starts a branch: the newer checkpoints were moved to {abandoned}")
 
-    # -- config.yaml and loggers (rank 0 writes; the loggers are no-ops on other ranks) ---------------------------
+    # -- the run's record (rank 0): config.yaml at the first start, what each resume changed in resumes.yaml -----
     derived = {"world_size": fabric.world_size, "per_device_batch_size": batches.per_device,
                "accum_steps": batches.accum_steps, "micro_batch_size": batches.micro, "lr": lr,
                "steps_per_epoch": steps_per_epoch}
-    if fabric.is_global_zero:
-        write_config(run_dir, cfg, derived)
-    fabric._loggers = make_loggers(cfg.logger_name, run_dir, start_step, cfg.wandb_project)  # needs the run folder
-    log_hyperparams(fabric.loggers, {**dataclasses.asdict(cfg), **derived})
+    settings = settings_record(cfg)
+    if fabric.is_global_zero and resumed:
+        record_resume(run_dir, settings, derived, start_step, resumed_from, abandoned)
+    elif fabric.is_global_zero:
+        record_start(run_dir, settings, derived)
+    # loggers live on rank 0 only (fabric.log_dict is a no-op elsewhere); they need the run folder
+    loggers = make_loggers(cfg.logger_name, run_dir, start_step, cfg.wandb_project) if fabric.is_global_zero else []
+    fabric._loggers = loggers
+    if start_step == 0:  # once per run
+        log_hyperparams(fabric.loggers, {**settings, **derived}, metric_names=("val_loss", "val_acc"))
+    if resumed_from is not None:
+        print0(f"resumed from {resumed_from} at step {start_step}")
     print0(f"run folder {run_dir}: {fabric.world_size} process(es) x {batches.per_device} samples "
            f"({batches.accum_steps} x {batches.micro}) = {cfg.eff_batch_size} per step, lr {lr:.3g}")
 
     # -- training loop -------------------------------------------------------------------------------------------
     global_step = start_step
-    log_every = max(1, steps_per_epoch // cfg.log_per_epoch)
     log_loss_sum, log_loss_steps = state["log_loss_sum"], state["log_loss_steps"]  # carried across a resume
-    log_time = time.perf_counter()
-    progress = tqdm(total=cfg.epochs * steps_per_epoch, initial=start_step, disable=not fabric.is_global_zero,
-                    dynamic_ncols=True)
+    window_start, window_steps = time.perf_counter(), 0  # throughput: training time of this process only
+    progress = tqdm(total=total_steps, initial=start_step, disable=not fabric.is_global_zero, dynamic_ncols=True)
     for epoch in range(start_step // steps_per_epoch, cfg.epochs):
         sampler.set_position(epoch, global_step - epoch * steps_per_epoch)  # skips steps a resumed epoch has seen
         step_loss = torch.zeros((), device=fabric.device)
@@ -198,17 +271,21 @@ def main(cfg: Config) -> None:
             step_in_epoch = global_step - epoch * steps_per_epoch
             log_loss_sum += loss_sum / fabric.world_size
             log_loss_steps += 1
+            window_steps += 1
             step_loss.zero_()
             progress.update(1)
 
-            # log: train loss log_per_epoch times per epoch, validation at the end of each epoch, in one row
+            # log: train loss log_per_epoch times per epoch, in windows that end by the epoch's end; validation at
+            # the end of each epoch, in the same row
             metrics = {}
-            if step_in_epoch % log_every == 0:
-                elapsed, log_time = time.perf_counter() - log_time, time.perf_counter()
+            window = step_in_epoch * cfg.log_per_epoch // steps_per_epoch  # 1 .. log_per_epoch
+            if window > (step_in_epoch - 1) * cfg.log_per_epoch // steps_per_epoch:
                 metrics = {"train_loss": log_loss_sum / log_loss_steps, "lr": optimizer.param_groups[0]["lr"],
-                           "samples_per_sec": log_loss_steps * cfg.eff_batch_size / elapsed}
+                           "samples_per_sec": window_steps * cfg.eff_batch_size / (time.perf_counter() - window_start)}
                 progress.set_postfix(loss=f"{metrics['train_loss']:.4f}")
-                log_loss_sum, log_loss_steps = 0.0, 0
+                log_loss_sum, log_loss_steps, window_steps = 0.0, 0, 0
+                window_start = time.perf_counter()
+            paused = time.perf_counter()  # validation and checkpoints do not count as training time
             end_of_epoch = step_in_epoch == steps_per_epoch
             if end_of_epoch:
                 val = evaluate(fabric, model, val_loader)  # all ranks
@@ -218,12 +295,12 @@ def main(cfg: Config) -> None:
                 fabric.log_dict(metrics, step=global_step)
 
             # checkpoint every checkpoint_frequency epochs, at the end, and when asked to stop (all ranks)
-            last_step = global_step == cfg.epochs * steps_per_epoch
+            last_step = global_step == total_steps
             due = end_of_epoch and ((epoch + 1) % cfg.checkpoint_frequency == 0 or last_step)
             if due or stop_votes:
                 state.update(global_step=global_step, epoch=global_step // steps_per_epoch, rng=gather_rng(fabric),
-                             config=dataclasses.asdict(cfg), world_size=fabric.world_size,
-                             log_loss_sum=log_loss_sum, log_loss_steps=log_loss_steps)
+                             config=settings, world_size=fabric.world_size, log_loss_sum=log_loss_sum,
+                             log_loss_steps=log_loss_steps, finished=last_step)
                 try:
                     path = save_checkpoint(fabric, ckpt_dir, checkpoint_name(state["epoch"], global_step), state)
                 except CheckpointError as err:
@@ -234,9 +311,9 @@ def main(cfg: Config) -> None:
                 print0(f"stop requested: saved {path} at step {global_step}; rerun with --resume auto",
                        file=sys.stderr)
                 exit_run(EXIT_PREEMPTED, fabric.loggers)
+            window_start += time.perf_counter() - paused
     progress.close()
-    for logger in fabric.loggers:
-        logger.finalize("success")
+    close_loggers(fabric.loggers, "success")
     print0(f"done: {run_dir}")
 
 

@@ -1,17 +1,25 @@
-"""Runs train.py in this process with a real fault injected at a chosen training forward pass.
+"""Runs train.py (or test.py) in this process with a real fault injected at a chosen training forward pass, or
+with probes that record what the script does.
 
 Environment (all optional):
   FAULT_AT_FORWARD=k   the k-th training forward of this rank (1-based)
   FAULT=sigusr1|sigterm|sigkill|nan   send this process that real signal, or make that forward's output NaN
   FAULT_RANKS=0,1      the global ranks that get the fault (default: all)
   BREAK=rng|sampler_epoch|batch_skip  switch off one part of exact resume, for the negative controls
+  PROBE_LOG=FILE       append a line per model forward ("RANK train|eval BATCH") and per dataset build
+                       ("RANK data START END", with DATA_SECONDS of sleep inside)
+  EVAL_SECONDS=s       every forward in eval mode sleeps this long (a slow validation)
+  ITERABLE_DATA=1      make_datasets returns IterableDatasets
+  SCRIPT=test          run test.py instead of train.py
 
 Fabric's launcher re-runs sys.argv (this file) for every extra rank, so each rank injects its own fault.
 """
 
+import importlib.util
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,9 +39,19 @@ def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def probe(line: str) -> None:
+    if os.environ.get("PROBE_LOG"):
+        with open(os.environ["PROBE_LOG"], "a") as f:
+            f.write(f"{rank()} {line}\n")
+
+
 def inject(module, inputs, output):
     global forwards
-    if not (module.training and isinstance(module, torch.nn.Sequential)):
+    if not isinstance(module, torch.nn.Sequential):
+        return None
+    probe(f"{'train' if module.training else 'eval'} {len(inputs[0])}")
+    if not module.training:
+        time.sleep(float(os.environ.get("EVAL_SECONDS", 0)))
         return None
     forwards += 1
     ranks = os.environ.get("FAULT_RANKS")
@@ -59,8 +77,33 @@ def break_resume(part: str) -> None:
             self, epoch - (first or first.append(epoch) or first)[0], steps_done)
 
 
+def probed_datasets(cfg):
+    start = time.time()
+    time.sleep(float(os.environ.get("DATA_SECONDS", 0)))
+    datasets = make_datasets(cfg)
+    probe(f"data {start} {time.time()}")
+    if os.environ.get("ITERABLE_DATA"):
+        return tuple(Stream(dataset) for dataset in datasets)
+    return datasets
+
+
+class Stream(torch.utils.data.IterableDataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __iter__(self):
+        return iter(self.dataset)
+
+
 if os.environ.get("BREAK"):
     break_resume(os.environ["BREAK"])
 register_module_forward_hook(inject)
-train.main(train.load_config(description=train.__doc__))  # not runpy: it would point sys.argv[0] at train.py
+make_datasets, train.make_datasets = train.make_datasets, probed_datasets
+if os.environ.get("SCRIPT") == "test":  # not runpy: it would point sys.argv[0] at the script
+    spec = importlib.util.spec_from_file_location("test_script", REPO / "test.py")
+    test_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_script)
+    test_script.main()
+else:
+    train.main(train.load_config(description=train.__doc__))
 train.exit_run(0)

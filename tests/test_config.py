@@ -23,6 +23,14 @@ def test_a_runs_config_yaml_works_as_config_path(tmp_path):
     assert parse_config(["--config_path", str(path)]).epochs == 7
 
 
+def test_resume_in_a_users_yaml_is_kept_but_a_runs_record_never_resumes(tmp_path):
+    mine, record = tmp_path / "mine.yaml", tmp_path / "config.yaml"
+    mine.write_text("resume: auto\n")
+    record.write_text("resume: runs/20261122-104500-train_out\nepochs: 7\nderived:\n  world_size: 1\n")
+    assert parse_config(["--config_path", str(mine)]).resume == "auto"
+    assert parse_config(["--config_path", str(record)]).resume is None
+
+
 def test_help_lists_every_field_with_its_help():
     out = " ".join(run_script("train.py", "--help").stdout.split())
     for field in dataclasses.fields(Config):
@@ -51,6 +59,13 @@ BAD_FLAGS = [
     (["--lr_scaling_rule", "cubic"], "'cubic'"),
     (["--epochs", "three"], "'three'"),
     (["--epoch", "3"], "--epoch"),  # abbreviations are refused, not guessed
+    (["--strategy", "ddp_spawn"], "strategy='ddp_spawn' is invalid: expected one of auto, ddp,"),
+    (["--strategy", "deepspeed"], "strategy='deepspeed'"),
+    (["--out_dir", "runs/exp1"], "out_dir='runs/exp1' is invalid: expected a name, not a path"),
+    (["--out_dir", ".."], "out_dir='..'"),
+    (["--resume"], "--resume needs a value"),  # simple_parsing would quietly take None
+    (["--logger_name"], "--logger_name needs a value"),  # ... or an empty list: a run with no logs
+    (["--grad_clip", "--epochs", "3"], "--grad_clip needs a value"),
 ]
 
 
@@ -65,6 +80,7 @@ def test_bad_flag_is_one_line_exit_2(argv, needle, capsys):
 
 BAD_FILES = [
     ("foo: 1\n", "unknown key 'foo'"),
+    ("logger_name: []\n", "logger_name=[]"),
     ("epochs: abc\n", "'abc'"),
     ("precision: fp8\n", "precision='fp8'"),
     ("logger_name: [csv, mlflow]\n", "'mlflow'"),  # choices are checked for file values too

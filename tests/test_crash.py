@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import REPO, assert_one_error_line, checkpoints, load, only_run, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from utils.checkpoint import list_checkpoints
 
@@ -121,7 +122,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, two_epochs):
     result = run_script("test.py", "--out_dir", run)  # ... by test.py
     assert f"warning: checkpoint {crafted}" in result.stderr and "epoch-0002-step-00000038" in result.stdout
     torch.save({"model": RunsCommand(marker)}, crafted)
-    result = train(root, "--resume", "auto", "--epochs", "3")  # ... and by resume
+    result = train(root, "--resume", run, "--epochs", "3")  # ... and by resume
     assert f"warning: checkpoint {crafted}" in result.stderr and "at step 38" in result.stdout
     assert not marker.exists()
 
@@ -143,7 +144,7 @@ def test_resume_refuses_changed_eff_batch_size_and_mismatched_shapes(tmp_path, t
 def test_resume_on_another_world_size_keeps_eff_batch_size(tmp_path, two_epochs):
     root = tmp_path / "runs"
     shutil.copytree(two_epochs, root)
-    result = train(root, "--resume", "auto", "--epochs", "3", "--devices", "2")
+    result = train(root, "--resume", only_run(root), "--epochs", "3", "--devices", "2")
     assert "resuming on world size 2 (was 1): 32 samples per device" in result.stdout
     assert load(checkpoints(only_run(root))[-1])["global_step"] == 57
 
@@ -223,14 +224,23 @@ def test_sigterm_saves_and_resume_auto_continues_exactly(tmp_path):
 
 # -- loggers across a resume ---------------------------------------------------------------------------------------
 
+def tb_tags(run) -> list[str]:
+    """Every summary tag written to the run's TensorBoard event files, in order, repeats included."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    files = sorted((run / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    return [value.tag for f in files for event in EventFileLoader(str(f)).Load() for value in event.summary.value]
+
+
 def test_loggers_continue_after_a_kill(tmp_path):
-    """SIGKILL at step 30 (after rows for steps 23 and 27 were logged, past the step-19 checkpoint), resume:
-    csv and TensorBoard show every step once, with the values of a run that never stopped; wandb keeps its id."""
+    """SIGKILL at step 30 (after rows for steps 24 and 29 were logged, past the step-19 checkpoint), resume:
+    csv and TensorBoard show every step once, with the values of a run that never stopped; wandb keeps its id.
+    The resume warns about nothing, logs hyperparameters no second time, and counts throughput right."""
     args = ["--logger_name", "csv", "tensorboard", "wandb"]
     train(tmp_path / "killed", *args, script="tests/fault_driver.py", check_rc=-signal.SIGKILL,
           env={"FAULT": "sigkill", "FAULT_AT_FORWARD": "30"})
     run = only_run(tmp_path / "killed")
-    train(tmp_path / "killed", *args, "--resume", run)
+    resumed = train(tmp_path / "killed", *args, "--resume", run)
     train(tmp_path / "reference", *args)
 
     def csv_rows(run):
@@ -246,8 +256,22 @@ def test_loggers_continue_after_a_kill(tmp_path):
     assert csv_rows(run) == csv_rows(reference)
     for tag in ("train_loss", "val_loss"):
         assert tb_steps(run, tag) == tb_steps(reference, tag)
+    run_id = (run / "logs" / "wandb" / "run_id").read_text().strip()
+    assert run_id != (reference / "logs" / "wandb" / "run_id").read_text().strip()
     wandb_runs = sorted((run / "logs" / "wandb").glob("offline-run-*"))
-    assert len(wandb_runs) == 2 and all(p.name.endswith(f"-{run.name}") for p in wandb_runs)
+    assert len(wandb_runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in wandb_runs)
+
+    assert "exists and is not empty" not in resumed.stderr + resumed.stdout
+    tags = tb_tags(run)
+    assert tags.count("_hparams_/session_start_info") == 1 and "hp_metric" not in tags
+    events = EventAccumulator(str(run / "logs" / "tensorboard"))
+    events.Reload()
+    hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
+    assert [m.name.tag for m in hparams.experiment.metric_infos] == ["val_loss", "val_acc"]  # the real metrics
+    with open(run / "logs" / "csv" / "metrics.csv") as f:
+        speeds = [float(r["samples_per_sec"]) for r in csv.DictReader(f) if r["train_loss"]]
+    first_after_resume = speeds[4]  # step 24: the window right after the step-19 checkpoint
+    assert first_after_resume < 2.5 * max(speeds[:4] + speeds[5:]), speeds
 
 
 def test_grad_scaler_state_survives_a_checkpoint(tmp_path):

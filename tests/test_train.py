@@ -8,6 +8,7 @@ import pytest
 import yaml
 from conftest import checkpoints, load, only_run, run_script, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from wandb_records import history
 
 from utils.run_dir import create_run_dir
 
@@ -32,7 +33,7 @@ def test_run_folder_config_logs_and_checkpoints(root):
     train(root, "--epochs", "3", "--log_per_epoch", "4", "--comment", "short note", "--micro_batch_size", "16",
           "--num_checkpoint_keep", "2")
     run = only_run(root)
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "logs"]
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "logs"]
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert list(saved)[:3] == ["accelerator", "devices", "num_nodes"]  # field order, not sorted
@@ -44,7 +45,7 @@ def test_run_folder_config_logs_and_checkpoints(root):
     with open(run / "logs" / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     train_steps = [int(r["step"]) for r in rows if r["train_loss"]]
-    assert train_steps == [4, 8, 12, 16, 23, 27, 31, 35, 42, 46, 50, 54]
+    assert train_steps == [5, 10, 15, 19, 24, 29, 34, 38, 43, 48, 53, 57]  # each window ends by its epoch's end
     assert [int(r["step"]) for r in rows if r["val_loss"]] == [19, 38, 57]
     assert len({r["step"] for r in rows}) == len(rows)
     assert all(float(r["samples_per_sec"]) > 0 and float(r["lr"]) == 0.002 for r in rows if r["train_loss"])
@@ -80,6 +81,8 @@ def test_two_runs_in_the_same_second_get_two_folders(tmp_path):
 def test_wandb_offline(root):
     train(root, "--epochs", "1", "--logger_name", "wandb", "csv")
     run = only_run(root)
-    offline = list((run / "logs" / "wandb").glob(f"offline-run-*-{run.name}"))
-    assert len(offline) == 1 and list(offline[0].glob("run-*.wandb"))
-    assert (run / "logs" / "csv" / "metrics.csv").is_file()
+    run_id = (run / "logs" / "wandb" / "run_id").read_text().strip()
+    (wandb_file,) = (run / "logs" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    val = [(row["trainer/global_step"], row["val_acc"]) for row in history(wandb_file) if "val_acc" in row]
+    with open(run / "logs" / "csv" / "metrics.csv") as f:
+        assert val == [(int(r["step"]), float(r["val_acc"])) for r in csv.DictReader(f) if r["val_acc"]] != []

@@ -5,10 +5,12 @@ A checkpoint is one file `epoch-EEEE-step-SSSSSSSS.ckpt` (a folder of shards und
 renamed into place, so a kill at any moment leaves either the complete file or none under a checkpoint name.
 """
 
+import math
 import os
 import re
 import shutil
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -106,43 +108,89 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, protect: Path | None = None) ->
 
 
 def remove_leftovers(ckpt_dir: Path) -> None:
-    """Removes temporary files of saves that were killed midway."""
+    """Removes temporary files of saves that were killed midway (only the run's own writer may call this)."""
     for tmp in ckpt_dir.glob(".*.tmp"):
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
-def check_opens(path: Path) -> None:
-    """Raises if the checkpoint file is truncated, corrupt or would need unsafe unpickling."""
-    if path.is_file():
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+def open_checkpoint(path: Path) -> dict:
+    """The checkpoint's contents, memory-mapped (cheap for any size); raises if it is missing, truncated, corrupt
+    or would need unsafe unpickling."""
+    if path.is_dir():  # a folder of shards: its non-tensor state
+        path = path / "meta.pt"
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
-def newest_valid_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint that opens; those newer that do not are reported and renamed to *.corrupt."""
+def run_finished(state: dict) -> bool:
+    """Whether the checkpoint ends its run. Checkpoints without the flag (older runs) end it at the last epoch."""
+    return bool(state.get("finished", state.get("epoch", 0) >= state.get("config", {}).get("epochs", math.inf)))
+
+
+def newest_that_opens(ckpt_dir: Path, move_aside: bool, report: bool = True) -> tuple[Path | None, dict | None]:
+    """(path, contents) of the newest checkpoint that opens. Newer ones that do not are reported and, with
+    move_aside (the run's own writer only), renamed to *.corrupt."""
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            check_opens(path)
-            return path
+            return path, open_checkpoint(path)
         except Exception as err:
-            aside = path.with_name(path.name + ".corrupt")
-            os.replace(path, aside)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            print(f"warning: checkpoint {path} does not open ({type(err).__name__}: {reason}); "
-                  f"moved aside to {aside.name}", file=sys.stderr)
-    return None
+            if move_aside:
+                aside = path.with_name(path.name + ".corrupt")
+                os.replace(path, aside)
+                action = f"moved aside to {aside.name}"
+            else:
+                action = "skipped"
+            if report:
+                print(f"warning: checkpoint {path} does not open ({type(err).__name__}: {reason}); {action}",
+                      file=sys.stderr)
+    return None, None
 
 
-def pick_checkpoint(fabric: Fabric, ckpt_dir: Path, named: Path | None) -> Path | None:
-    """All ranks: `named` if given (CheckpointError if it does not open), else the newest valid checkpoint,
-    picked on global rank 0 after removing leftovers of interrupted saves."""
+def pick_checkpoint(fabric: Fabric, ckpt_dir: Path, named: Path | None, read_only: bool = False) -> Path | None:
+    """All ranks: `named` if given (CheckpointError if it does not open), else the newest that opens, picked on
+    global rank 0. The run's own writer (not read_only) first removes leftovers of interrupted saves and moves
+    checkpoints that do not open aside; a reader (test.py) changes nothing."""
     if named is not None:
         try:
-            check_opens(named)
+            open_checkpoint(named)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint {named} does not exist") from None
         except Exception as err:
             raise CheckpointError(f"checkpoint {named} does not open ({type(err).__name__})") from None
         return named
     picked = None
     if fabric.is_global_zero:
-        remove_leftovers(ckpt_dir)
-        picked = newest_valid_checkpoint(ckpt_dir)
+        if not read_only:
+            remove_leftovers(ckpt_dir)
+        picked, _ = newest_that_opens(ckpt_dir, move_aside=not read_only)
     return fabric.broadcast(picked)
+
+
+def model_mismatch(saved: dict, model_state: dict) -> str | None:
+    """The first difference between a checkpoint's model state_dict and the model's, in words; None if it fits."""
+    missing = [key for key in model_state if key not in saved]
+    unexpected = [key for key in saved if key not in model_state]
+    if missing:
+        return f"missing key {missing[0]!r} ({len(missing)} missing in all)"
+    if unexpected:
+        return f"unexpected key {unexpected[0]!r} ({len(unexpected)} unexpected in all)"
+    for key, value in model_state.items():
+        if tuple(saved[key].shape) != tuple(value.shape):
+            return (f"key {key!r} has shape {tuple(saved[key].shape)} in the checkpoint and {tuple(value.shape)} "
+                    f"in the model")
+    return None
+
+
+def move_newer_aside(ckpt_dir: Path, resumed_from: Path) -> Path | None:
+    """Resuming from an earlier checkpoint starts a branch: the checkpoints after it move (not deleted) to
+    checkpoints/abandoned-<stamp>/. Returns that folder, or None if there were none."""
+    step = int(NAME.fullmatch(resumed_from.name).group(2))
+    newer = [p for p in list_checkpoints(ckpt_dir) if int(NAME.fullmatch(p.name).group(2)) > step]
+    if not newer:
+        return None
+    aside = ckpt_dir / f"abandoned-{datetime.now():%Y%m%d-%H%M%S}"
+    aside.mkdir(exist_ok=True)
+    for path in newer:
+        os.replace(path, aside / path.name)
+    _fsync(ckpt_dir)
+    return aside

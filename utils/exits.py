@@ -9,6 +9,7 @@ from typing import NoReturn
 import torch.distributed
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
+from utils.loggers import close_loggers
 from utils.preemption import EXIT_PREEMPTED
 
 
@@ -18,8 +19,7 @@ def exit_run(status: int, loggers=()) -> NoReturn:
     Under DDP it skips interpreter teardown: there torch's gloo process-group destructor joins its worker thread
     while holding the GIL and can deadlock (or abort with 'terminate called without an active exception').
     """
-    for logger in loggers:
-        logger.finalize("success" if status in (0, EXIT_PREEMPTED) else "failed")
+    close_loggers(loggers, "success" if status in (0, EXIT_PREEMPTED) else "failed")
     if torch.distributed.is_initialized():
         sys.stdout.flush()
         sys.stderr.flush()

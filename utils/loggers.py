@@ -1,9 +1,14 @@
-"""csv, tensorboard and wandb loggers, each in RUN/logs/<name>/, continuing cleanly after a resume."""
+"""csv, tensorboard and wandb loggers, each in RUN/logs/<name>/, continuing cleanly after a resume and closed on
+every way out of a run."""
 
 import csv
+import io
+import os
+import secrets
 from pathlib import Path
 
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
+from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 
 
 def make_loggers(names: list[str], run_dir: Path, start_step: int, wandb_project: str) -> list:
@@ -11,35 +16,87 @@ def make_loggers(names: list[str], run_dir: Path, start_step: int, wandb_project
     logs = run_dir / "logs"
     loggers = []
     if "csv" in names:
-        loggers.append(_resumed_csv_logger(logs, start_step))
+        loggers.append(ContinuedCSVLogger(logs, start_step))
     if "tensorboard" in names:
-        # purge_step hides events an earlier process logged after its last checkpoint
-        loggers.append(TensorBoardLogger(logs, name="tensorboard", version="", purge_step=start_step + 1))
+        # purge_step hides events an earlier process logged after its checkpoint
+        loggers.append(TensorBoardLogger(logs, name="tensorboard", version="", purge_step=start_step + 1,
+                                         default_hp_metric=False))
     if "wandb" in names:
         from lightning.pytorch.loggers import WandbLogger  # imported only when asked for: it is slow
 
-        # one W&B run per run folder: a resume continues it under the same id
-        loggers.append(WandbLogger(project=wandb_project, save_dir=str(logs), name=run_dir.name, id=run_dir.name,
-                                   resume="allow"))
+        # one W&B run per run folder, under an id kept in the folder: a resume continues it
+        loggers.append(WandbLogger(project=wandb_project, save_dir=str(logs), name=run_dir.name,
+                                   id=_wandb_run_id(logs / "wandb"), resume="allow"))
     return loggers
 
 
-def _resumed_csv_logger(logs: Path, start_step: int) -> CSVLogger:
-    """Fabric's CSVLogger starts metrics.csv afresh in a new process: replay the rows up to `start_step`."""
-    metrics_file = logs / "csv" / "metrics.csv"
-    rows = []
-    if start_step and metrics_file.is_file():
-        with open(metrics_file, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= start_step]
-    logger = CSVLogger(logs, name="csv", version="", flush_logs_every_n_steps=1)
-    for row in rows:
-        step = int(row.pop("step"))
-        logger.log_metrics({k: v for k, v in row.items() if v != ""}, step=step)  # as written, text
-    return logger
+def _wandb_run_id(folder: Path) -> str:
+    """A random id, made once per run folder (the folder name alone repeats across root_dirs)."""
+    path = folder / "run_id"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / ".run_id.tmp"
+        tmp.write_text(secrets.token_hex(8) + "\n")
+        os.replace(tmp, path)
+    return path.read_text().strip()
 
 
-def log_hyperparams(loggers: list, params: dict) -> None:
-    """Sends the config to every logger that takes hyperparameters (Fabric's CSVLogger does not)."""
+class _ContinuingWriter(_ExperimentWriter):
+    """Fabric's CSV writer deletes an existing metrics.csv (and warns that it will); this one appends to it."""
+
+    def _check_log_dir_exists(self) -> None:
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])  # the header: new rows append under it
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """RUN/logs/csv/metrics.csv, one row per logged step. On a resume after step `start_step`, the rows an earlier
+    process logged past that step (after its checkpoint) are dropped first, atomically, and new rows append."""
+
+    def __init__(self, logs: Path, start_step: int):
+        super().__init__(logs, name="csv", version="", flush_logs_every_n_steps=1)
+        metrics_file = Path(self.log_dir) / _ExperimentWriter.NAME_METRICS_FILE
+        if metrics_file.is_file():
+            with open(metrics_file, newline="") as f:
+                reader = csv.DictReader(f)
+                kept = [row for row in reader if int(row["step"]) <= start_step]
+                header = reader.fieldnames or []
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=header, lineterminator="\r\n")
+            writer.writeheader()
+            writer.writerows(kept)
+            tmp = metrics_file.with_name(".metrics.csv.tmp")
+            tmp.write_text(text.getvalue(), newline="")
+            os.replace(tmp, metrics_file)  # a kill at any moment leaves the old rows or the kept ones
+
+    @property
+    def experiment(self) -> _ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.log_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def log_hyperparams(loggers: list, params: dict, metric_names: tuple[str, ...]) -> None:
+    """Sends the config to every logger that takes hyperparameters (Fabric's CSVLogger does not). TensorBoard's
+    hparams table is tied to the run's real metrics: Fabric's own call would log a placeholder `hp_metric = -1`."""
     for logger in loggers:
-        if not isinstance(logger, CSVLogger):
+        if isinstance(logger, TensorBoardLogger):
+            from torch.utils.tensorboard.summary import hparams
+
+            values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in params.items()}
+            writer = logger.experiment._get_file_writer()
+            for summary in hparams(values, dict.fromkeys(metric_names, 0.0)):  # the values are not written
+                writer.add_summary(summary)
+        elif not isinstance(logger, CSVLogger):
             logger.log_hyperparams(params)
+
+
+def close_loggers(loggers: list, status: str) -> None:
+    """Flushes and closes every logger (status: success or failed). wandb's own finish() must run too: a rank that
+    leaves through os._exit (see utils/exits.py) skips the atexit hook that would call it."""
+    for logger in loggers:
+        logger.finalize(status)
+        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+            logger.experiment.finish(exit_code=0 if status == "success" else 1)

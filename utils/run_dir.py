@@ -1,14 +1,19 @@
-"""Run folders: ROOT_DIR/<YYYYmmdd-HHMMSS>-OUT_DIR, one per run, and finding the run to resume."""
+"""Run folders: ROOT_DIR/<YYYYmmdd-HHMMSS>-OUT_DIR, one per run with one writer at a time; which run --resume
+continues; and the run's record: config.yaml from its first start, resumes.yaml with what each resume changed."""
 
-import dataclasses
+import fcntl
 import os
 import re
+import socket
+import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import yaml
 
-from utils.checkpoint import is_checkpoint_file, list_checkpoints
+from utils.checkpoint import is_checkpoint_file, newest_that_opens, run_finished
+
+CONFIG, RESUMES, LOCK, SLURM_JOB = "config.yaml", "resumes.yaml", ".lock", "slurm_job_id"
 
 
 def create_run_dir(root_dir: str, out_dir: str) -> Path:
@@ -23,32 +28,149 @@ def create_run_dir(root_dir: str, out_dir: str) -> Path:
             stamp += timedelta(seconds=1)
 
 
+# -- one writer per run folder ---------------------------------------------------------------------------------------
+
+class RunInUse(RuntimeError):
+    pass
+
+
+_held_locks = []  # open descriptors: the lock lasts as long as this process
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Takes an exclusive OS lock on RUN/.lock for the life of this process (global rank 0). The OS drops it when
+    the process ends, however it ends, so a killed job never blocks a resume. RunInUse if another process holds it;
+    a file system that cannot lock gets one warning."""
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunInUse(f"run folder {run_dir} is in use by {holder}") from None
+    except OSError as err:  # some network file systems have no locks
+        os.close(fd)
+        print(f"warning: cannot lock {run_dir} ({err.strerror}): nothing stops a second job from writing to it",
+              file=sys.stderr)
+        return
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    _held_locks.append(fd)
+
+
+def is_locked(run_dir: Path) -> bool:
+    """Whether a live process holds the run folder's lock (reads only)."""
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also drops the shared lock just taken
+
+
+# -- which run --resume continues --------------------------------------------------------------------------------------
+
+def slurm_job() -> str | None:
+    """This SLURM batch job's id (JOB_TASK in a job array); None outside SLURM and in an interactive allocation
+    (job name bash or interactive, as Lightning decides)."""
+    env = os.environ
+    if "SLURM_JOB_ID" not in env or env.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return None
+    if "SLURM_ARRAY_TASK_ID" in env:
+        return f"{env.get('SLURM_ARRAY_JOB_ID', env['SLURM_JOB_ID'])}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env["SLURM_JOB_ID"]
+
+
+def _auto_target(root_dir: str, out_dir: str) -> Path | None:
+    """In a SLURM batch job: the run this job started (a requeue continues it). Elsewhere: the newest run named
+    *-OUT_DIR that has a checkpoint, is not finished and is not held by a live job. None starts a new run."""
+    root = Path(root_dir)
+    pattern = re.compile(rf"\d{{8}}-\d{{6}}-{re.escape(out_dir)}")
+    runs = sorted((p for p in root.iterdir() if pattern.fullmatch(p.name)), reverse=True) if root.is_dir() else []
+    job = slurm_job()
+    if job is not None:
+        return next((run for run in runs if _read(run / SLURM_JOB) == job), None)
+    for run in runs:
+        _, newest = newest_that_opens(run / "checkpoints", move_aside=False, report=False)
+        if newest is not None and not run_finished(newest) and not is_locked(run):
+            return run
+    return None
+
+
 def find_resume_target(resume: str | None, root_dir: str, out_dir: str) -> tuple[Path | None, Path | None]:
     """(run folder, checkpoint file or None for its newest) for --resume; (None, None) starts a new run.
 
-    resume may be a run folder, a checkpoint file inside one, or 'auto': the newest run named *-OUT_DIR if it
-    has a checkpoint.
+    resume may be a run folder, a checkpoint file inside one, or 'auto' (see _auto_target). Reads only.
     """
     if resume is None:
         return None, None
     if resume == "auto":
-        pattern = re.compile(rf"\d{{8}}-\d{{6}}-{re.escape(out_dir)}")
-        root = Path(root_dir)
-        runs = sorted(p for p in root.iterdir() if pattern.fullmatch(p.name)) if root.is_dir() else []
-        if runs and list_checkpoints(runs[-1] / "checkpoints"):
-            return runs[-1], None
-        return None, None
+        return _auto_target(root_dir, out_dir), None
     path = Path(resume)
-    if is_checkpoint_file(path) and (path.parent.parent / "config.yaml").is_file():
+    if is_checkpoint_file(path) and (path.parent.parent / CONFIG).is_file():
+        if not path.is_file() and not path.is_dir():
+            raise ValueError(f"resume={resume!r}: no such checkpoint in {path.parent}")
         return path.parent.parent, path
-    if not (path / "config.yaml").is_file():
+    if not (path / CONFIG).is_file():
         raise ValueError(f"resume={resume!r} is not a run folder (no config.yaml) nor a checkpoint inside one")
     return path, None
 
 
-def write_config(run_dir: Path, cfg, derived: dict) -> None:
-    """config.yaml: the final config in field order, then the values derived from it."""
-    text = yaml.safe_dump({**dataclasses.asdict(cfg), "derived": derived}, sort_keys=False)
-    tmp = run_dir / ".config.yaml.tmp"
+# -- the run's record --------------------------------------------------------------------------------------------------
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
-    os.replace(tmp, run_dir / "config.yaml")
+    os.replace(tmp, path)
+
+
+def record_start(run_dir: Path, settings: dict, derived: dict) -> None:
+    """config.yaml, written once at the run's first start: the settings in field order, then the values derived
+    from them. In a SLURM batch job, also the job's id, so that a requeue finds this run."""
+    _write_atomically(run_dir / CONFIG, yaml.safe_dump({**settings, "derived": derived}, sort_keys=False))
+    if slurm_job() is not None:
+        _write_atomically(run_dir / SLURM_JOB, slurm_job() + "\n")
+
+
+def run_record(run_dir: Path) -> tuple[dict, dict]:
+    """(settings, derived) in force at the run's latest start: config.yaml with every resume's changes applied."""
+    record = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
+    if not isinstance(record, dict):
+        raise ValueError(f"{run_dir / CONFIG} is not a mapping of field: value")
+    derived = record.pop("derived", None) or {}
+    record.pop("resume", None)  # older runs recorded it; a record is never an instruction to resume
+    resumes = yaml.safe_load((run_dir / RESUMES).read_text()) if (run_dir / RESUMES).is_file() else None
+    for entry in resumes or []:
+        record.update(entry.get("changed") or {})
+        derived.update(entry.get("derived_changed") or {})
+    return record, derived
+
+
+def record_resume(run_dir: Path, settings: dict, derived: dict, at_step: int, checkpoint: Path | None,
+                  abandoned: Path | None) -> None:
+    """Appends one resume's entry to resumes.yaml: when, from which checkpoint, and which settings and derived values
+    differ from those in force before. config.yaml and earlier entries stay as they were."""
+    before, derived_before = run_record(run_dir)
+    entry = {"time": f"{datetime.now():%Y-%m-%d %H:%M:%S}", "at_step": at_step,
+             "from_checkpoint": checkpoint.name if checkpoint else None,
+             "changed": {k: v for k, v in settings.items() if before.get(k) != v},
+             "derived_changed": {k: v for k, v in derived.items() if derived_before.get(k) != v}}
+    if abandoned:
+        entry["abandoned"] = str(abandoned.relative_to(run_dir))
+    path = run_dir / RESUMES
+    entries = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
+    _write_atomically(path, yaml.safe_dump([*entries, entry], sort_keys=False))
