@@ -18,6 +18,7 @@ from lightning.fabric.connector import _PRECISION_INPUT_STR
 from simple_parsing.helpers import list_field
 
 from utils.exits import fail
+from utils.lr_schedule import SCHEDULES
 
 LOGGERS = ("csv", "tensorboard", "wandb")
 PRECISIONS = get_args(_PRECISION_INPUT_STR)
@@ -54,7 +55,9 @@ class Config:
     """Seed for model init, data order and dropout."""
 
     epochs: int = 10
-    """Number of passes over the training set."""
+    """Number of passes over the training set (ignored when MAX_STEPS is set)."""
+    max_steps: int | None = None
+    """Optimizer steps to train for, passing over the data as often as needed. Unset: EPOCHS decide."""
     eff_batch_size: int = 64
     """Samples per optimizer step, summed over all devices and nodes."""
     micro_batch_size: int | None = None
@@ -65,14 +68,26 @@ class Config:
     """Batch size at which BASE_LR holds."""
     lr_scaling_rule: Literal["linear", "sqrt", "none"] = "linear"
     """How the LR follows the batch size: lr = base_lr * ratio (linear) or * sqrt(ratio), or base_lr (none)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup to the peak LR."""
+    lr_schedule: Literal["cosine", "linear", "exponential", "constant"] = "cosine"
+    """LR after warmup: decays to MIN_LR_RATIO x peak at the last step (cosine, linear, exponential) or stays."""
+    min_lr_ratio: float = 0.1
+    """The LR at the last step, as a fraction of the peak."""
     weight_decay: float = 0.01
-    """AdamW weight decay."""
+    """AdamW weight decay, on tensors of 2 or more dimensions only (not on biases and norm weights)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.999
+    """AdamW beta2."""
     grad_clip: float | None = None
     """Max gradient norm, applied once per optimizer step. Unset means off."""
     dropout: float = 0.1
     """Dropout probability of the model."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    init_from: str | None = None
+    """Start a new run from these model weights: a checkpoint of this template or a plain state_dict file."""
     num_workers: int = 0
     """DataLoader worker processes per device."""
 
@@ -80,13 +95,28 @@ class Config:
     """Loggers, one or more of: csv tensorboard wandb."""
     log_per_epoch: int = 4
     """How many times per epoch the training loss is logged."""
+    log_every_n_steps: int | None = None
+    """Log the training loss every this many optimizer steps instead (for step-based runs)."""
     wandb_project: str = "fabric-template"
     """W&B project name (with the wandb logger; set WANDB_MODE=offline to log offline)."""
 
+    val_every_n_steps: int | None = None
+    """Validate every this many optimizer steps (and at the last). Unset: at the end of each epoch."""
     checkpoint_frequency: int = 1
     """Save a checkpoint every this many epochs (and always at the end)."""
+    checkpoint_every_n_steps: int | None = None
+    """Save a checkpoint every this many optimizer steps instead of CHECKPOINT_FREQUENCY epochs."""
     num_checkpoint_keep: int = 3
-    """How many of the newest checkpoints to keep."""
+    """How many of the newest checkpoints to keep (checkpoints/best.ckpt is kept apart)."""
+    monitor: Literal["val_loss", "val_acc"] = "val_loss"
+    """Validation metric that picks checkpoints/best.ckpt and drives early stopping."""
+    monitor_mode: Literal["min", "max"] = "min"
+    """Whether a lower (min) or higher (max) MONITOR is better."""
+    early_stop_patience: int = 0
+    """Stop after this many validations in a row that do not beat the best by more than EARLY_STOP_MIN_DELTA.
+    0: off."""
+    early_stop_min_delta: float = 0.0
+    """How much a validation must beat the best by to count as an improvement for early stopping."""
 
     def __post_init__(self):
         if isinstance(self.devices, str) and self.devices.lstrip("-").isdigit():
@@ -107,10 +137,24 @@ class Config:
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("num_workers", self.num_workers >= 0, "at least 0"),
             ("num_checkpoint_keep", self.num_checkpoint_keep >= 1, "at least 1"),
+            ("lr_schedule", self.lr_schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
+            ("warmup_steps", self.warmup_steps >= 0, "at least 0"),
+            ("warmup_steps", not self.max_steps or self.max_steps < 1 or self.warmup_steps < self.max_steps,
+             f"smaller than max_steps={self.max_steps}"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("min_lr_ratio", self.lr_schedule != "exponential" or self.min_lr_ratio > 0,
+             "above 0 for lr_schedule=exponential"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("monitor", self.monitor in ("val_loss", "val_acc"), "val_loss or val_acc"),
+            ("monitor_mode", self.monitor_mode in ("min", "max"), "min or max"),
+            ("early_stop_patience", self.early_stop_patience >= 0, "at least 0 (0 is off)"),
+            ("early_stop_min_delta", self.early_stop_min_delta >= 0, "at least 0"),
         ]
         for name in ("epochs", "eff_batch_size", "base_lr", "base_batch_size", "log_per_epoch", "checkpoint_frequency"):
             checks.append((name, getattr(self, name) > 0, "positive"))
-        for name in ("micro_batch_size", "grad_clip"):
+        for name in ("micro_batch_size", "grad_clip", "max_steps", "log_every_n_steps", "val_every_n_steps",
+                     "checkpoint_every_n_steps"):
             checks.append((name, getattr(self, name) is None or getattr(self, name) > 0, "positive or unset"))
         for name, ok, expected in checks:
             if not ok:
@@ -208,6 +252,9 @@ def load_config(argv: list[str] | None = None, description: str | None = None) -
     cfg = parse_config(argv, description=description)
     if cfg.resume is None:
         return cfg
+    if cfg.init_from is not None:
+        fail(f"init_from={cfg.init_from!r} cannot be given with resume={cfg.resume!r}: a resumed run continues from "
+             f"its own checkpoint; init_from starts a new run")
     if RESUME_CHOICE not in os.environ:  # processes that Fabric starts later must not choose again
         try:
             run_dir, checkpoint = find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir)

@@ -1,6 +1,7 @@
 """Evaluate a run on the test split: prints loss and accuracy, writes RUN/test_metrics.json.
 
     python test.py --out_dir runs/20261122-104500-train_out
+    python test.py --out_dir RUN --checkpoint last                # default: best (checkpoints/best.ckpt) if any
     python test.py --out_dir RUN --checkpoint RUN/checkpoints/epoch-0010-step-00000190.ckpt
     python test.py --out_dir RUN --accelerator cpu --devices 2    # any train.py flag overrides the run's config
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 from config import parse_config
 from model import make_model
 from train import evaluate, launch, load_datasets, make_fabric, print0
-from utils.checkpoint import CheckpointError, model_mismatch, open_checkpoint, pick_checkpoint
+from utils.checkpoint import BEST, CheckpointError, model_mismatch, open_checkpoint, pick_checkpoint
 from utils.exits import exit_run, fail
 from utils.run_dir import run_record
 from utils.samplers import ShardSampler
@@ -29,7 +30,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", type=Path, required=True, help="The run folder to evaluate.")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="Checkpoint file; default: the newest.")
+    parser.add_argument("--checkpoint", default=None,
+                        help="best (checkpoints/best.ckpt), last (the newest that opens) or a file; "
+                             "default: best if the run has one, else last.")
     args, rest = parser.parse_known_args()
     if not (args.out_dir / "config.yaml").is_file():
         fail(f"out_dir={str(args.out_dir)!r} is not a run folder (no config.yaml)")
@@ -50,10 +53,15 @@ def main() -> None:
     model = fabric.setup_module(make_model(cfg))
 
     # -- checkpoint: the one named, or the newest that opens; nothing in the run is moved or deleted (all ranks) ---
+    best = args.out_dir / "checkpoints" / BEST
+    if args.checkpoint == "best" and not best.exists():
+        fail(f"checkpoint='best': {args.out_dir} has no best checkpoint (it has not validated yet); use last")
+    use_best = args.checkpoint == "best" or (args.checkpoint is None and best.exists())
+    named = best if use_best else None if args.checkpoint in (None, "last") else Path(args.checkpoint)
     try:
-        checkpoint = pick_checkpoint(fabric, args.out_dir / "checkpoints", args.checkpoint, read_only=True)
+        checkpoint = pick_checkpoint(fabric, args.out_dir / "checkpoints", named, read_only=True)
     except CheckpointError as err:
-        fail(f"checkpoint={str(args.checkpoint)!r}: {err}")
+        fail(f"checkpoint={args.checkpoint!r}: {err}")
     if checkpoint is None:
         fail(f"out_dir={str(args.out_dir)!r} holds no checkpoint that opens")
     mismatch = model_mismatch(open_checkpoint(checkpoint)["model"], model.state_dict())
@@ -64,7 +72,7 @@ def main() -> None:
     # -- evaluate (all ranks) and report (rank 0) ----------------------------------------------------------------
     metrics = {"checkpoint": str(checkpoint), **evaluate(fabric, model, loader)}
     print0(f"test loss {metrics['loss']:.4f}, test acc {metrics['acc']:.4f} "
-           f"on {metrics['samples']} samples ({checkpoint.name})")
+           f"on {metrics['samples']} samples ({checkpoint})")
     if fabric.is_global_zero:
         tmp = args.out_dir / ".test_metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2) + "\n")

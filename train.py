@@ -37,9 +37,11 @@ from data import NUM_CLASSES, make_datasets
 from model import make_model
 from utils.batching import BatchPlan, plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
+    BEST,
     AtomicCheckpointIO,
     CheckpointError,
     checkpoint_name,
+    load_model_weights,
     model_mismatch,
     move_newer_aside,
     open_checkpoint,
@@ -49,16 +51,10 @@ from utils.checkpoint import (
 )
 from utils.exits import exit_run, fail
 from utils.loggers import close_loggers, log_hyperparams, make_loggers
+from utils.lr_schedule import lr_at
 from utils.preemption import EXIT_PREEMPTED, StopRequest
 from utils.rng import gather_rng, restore_rng
-from utils.run_dir import (
-    RunInUse,
-    create_run_dir,
-    find_resume_target,
-    lock_run_dir,
-    record_resume,
-    record_start,
-)
+from utils.run_dir import claim_run_dir, record_resume, record_start
 from utils.samplers import ResumableShuffleSampler, ShardSampler
 
 print0 = rank_zero_only(print)  # all printing on global rank 0 (fabric.print prints once per node)
@@ -111,25 +107,29 @@ def load_datasets(fabric: Fabric, cfg: Config) -> tuple[Dataset, Dataset, Datase
     return datasets
 
 
-def claim_run_dir(fabric: Fabric, cfg: Config) -> tuple[Path, Path | None]:
-    """All ranks: (run folder, checkpoint named by --resume or None). Global rank 0 makes a new folder or takes the
-    resumed run's, and locks it before anything in it is touched: one writer per run folder."""
-    claimed, error = None, None
-    if fabric.is_global_zero:
-        run_dir, named = find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir)  # resolved by load_config
-        try:
-            run_dir = run_dir or create_run_dir(cfg.root_dir, cfg.out_dir)
-            lock_run_dir(run_dir)
-            claimed = run_dir, named
-        except RunInUse as err:
-            error = f"resume={cfg.resume!r}: {err}; wait for it to end or resume another run"
-    error = fabric.broadcast(error)  # all ranks
-    if error:
-        fail(error)
-    return fabric.broadcast(claimed)  # all ranks
+def make_optimizer(fabric: Fabric, model: torch.nn.Module, cfg: Config, lr: float):
+    """AdamW, with weight decay on tensors of 2 or more dimensions only (matrices, kernels, embeddings), not on
+    biases and normalization weights. Returns it and the size of each group, for config.yaml."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=fabric.device.type == "cuda")
+    sizes = {name: {"tensors": len(group), "params": sum(p.numel() for p in group)}
+             for name, group in (("decay", decay), ("no_decay", no_decay))}
+    return optimizer, sizes
 
 
-def resume_state(fabric: Fabric, cfg: Config, ckpt_dir: Path, named: Path | None, state: dict, lr: float,
+def is_log_step(cfg: Config, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """Whether optimizer step `step` ends a logging window: every log_every_n_steps steps, or log_per_epoch times
+    per epoch in windows that end by the epoch's end; and the run's last step."""
+    if cfg.log_every_n_steps:
+        return step % cfg.log_every_n_steps == 0 or step == total_steps
+    in_epoch = (step - 1) % steps_per_epoch + 1
+    window = in_epoch * cfg.log_per_epoch // steps_per_epoch  # 1 .. log_per_epoch
+    return window > (in_epoch - 1) * cfg.log_per_epoch // steps_per_epoch or step == total_steps
+
+
+def resume_state(fabric: Fabric, cfg: Config, ckpt_dir: Path, named: Path | None, state: dict,
                  batches: BatchPlan) -> Path | None:
     """All ranks: restores `state` from the named checkpoint or the newest that opens, refuses what cannot change
     mid-run and applies the optimizer settings given now. Returns the checkpoint; None if the run has none yet."""
@@ -147,8 +147,10 @@ def resume_state(fabric: Fabric, cfg: Config, ckpt_dir: Path, named: Path | None
         if state["config"][name] != getattr(cfg, name):
             fail(f"{name}={getattr(cfg, name)} differs from the checkpoint's {state['config'][name]}: "
                  f"a resumed run keeps its {name}")
-    for group in state["optimizer"].param_groups:  # settings given now win over the restored ones
-        group.update(lr=lr, weight_decay=cfg.weight_decay)
+    # optimizer settings given now win over the restored ones (the LR is set at every step)
+    for group in state["optimizer"].param_groups:
+        group["betas"] = (cfg.beta1, cfg.beta2)
+    state["optimizer"].param_groups[0]["weight_decay"] = cfg.weight_decay  # the decayed group (make_optimizer)
     if state["world_size"] == fabric.world_size:
         restore_rng(rng[fabric.global_rank])
     else:
@@ -179,7 +181,9 @@ def main(cfg: Config) -> None:
     steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
         fail(f"eff_batch_size={cfg.eff_batch_size} is larger than the training set ({len(train_set)} samples)")
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch  # max_steps alone ends the run when set
+    if cfg.warmup_steps >= total_steps:
+        fail(f"warmup_steps={cfg.warmup_steps} is invalid: expected fewer than the run's {total_steps} steps")
     # the loader's own generator keeps iterator creation from drawing on the global RNG (exact resume)
     train_loader = DataLoader(train_set, batch_size=batches.micro, sampler=sampler, num_workers=cfg.num_workers,
                               generator=torch.Generator().manual_seed(cfg.seed))
@@ -190,9 +194,14 @@ def main(cfg: Config) -> None:
 
     # -- model and optimizer -----------------------------------------------------------------------------------
     model = make_model(cfg)
+    if cfg.init_from and cfg.resume is None:  # a resumed run continues from its own checkpoint instead
+        try:
+            print0(load_model_weights(model, cfg.init_from))
+        except CheckpointError as err:
+            fail(f"init_from={cfg.init_from!r}{err}")
     if cfg.compile:
         model = torch.compile(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    optimizer, param_groups = make_optimizer(fabric, model, cfg, lr)
     model, optimizer = fabric.setup(model, optimizer)
 
     # -- run folder: a new one, or the resumed run's; locked by rank 0 before anything in it is touched ----------
@@ -202,16 +211,21 @@ def main(cfg: Config) -> None:
 
     # -- checkpointed state: fabric.save / fabric.load convert the model and optimizer to state_dicts ----------
     state = {"model": model, "optimizer": optimizer, "global_step": 0, "epoch": 0, "config": {},
-             "world_size": fabric.world_size, "log_loss_sum": 0.0, "log_loss_steps": 0, "finished": False}
+             "world_size": fabric.world_size, "log_loss_sum": 0.0, "log_loss_steps": 0, "finished": False,
+             "best_value": None, "best_step": None, "bad_validations": 0}
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the loss scale must survive too
     if scaler is not None:
         state["scaler"] = scaler
 
     # -- resume: the named checkpoint, or the newest that opens (corrupt ones are moved aside) -------------------
-    resumed_from = resume_state(fabric, cfg, ckpt_dir, resume_file, state, lr, batches) if resumed else None
+    resumed_from = resume_state(fabric, cfg, ckpt_dir, resume_file, state, batches) if resumed else None
     start_step = state["global_step"]
     if resumed and start_step >= total_steps:
         print0(f"run {run_dir} finished at step {start_step}; nothing to train: raise --epochs to train on")
+        exit_run(0)
+    if resumed and cfg.early_stop_patience and state["bad_validations"] >= cfg.early_stop_patience:
+        print0(f"run {run_dir} stopped early at step {start_step}; nothing to train: raise --early_stop_patience "
+               f"(or set it to 0) to train on")
         exit_run(0)
     abandoned = move_newer_aside(ckpt_dir, resumed_from) if resume_file and fabric.is_global_zero else None
     if abandoned:
@@ -220,7 +234,7 @@ def main(cfg: Config) -> None:
     # -- the run's record (rank 0): config.yaml at the first start, what each resume changed in resumes.yaml -----
     derived = {"world_size": fabric.world_size, "per_device_batch_size": batches.per_device,
                "accum_steps": batches.accum_steps, "micro_batch_size": batches.micro, "lr": lr,
-               "steps_per_epoch": steps_per_epoch}
+               "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "param_groups": param_groups}
     settings = settings_record(cfg)
     if fabric.is_global_zero and resumed:
         record_resume(run_dir, settings, derived, start_step, resumed_from, abandoned)
@@ -234,14 +248,17 @@ def main(cfg: Config) -> None:
     if resumed_from is not None:
         print0(f"resumed from {resumed_from} at step {start_step}")
     print0(f"run folder {run_dir}: {fabric.world_size} process(es) x {batches.per_device} samples "
-           f"({batches.accum_steps} x {batches.micro}) = {cfg.eff_batch_size} per step, lr {lr:.3g}")
+           f"({batches.accum_steps} x {batches.micro}) = {cfg.eff_batch_size} per step, {total_steps} steps, "
+           f"peak lr {lr:.3g}")
 
     # -- training loop -------------------------------------------------------------------------------------------
     global_step = start_step
     log_loss_sum, log_loss_steps = state["log_loss_sum"], state["log_loss_steps"]  # carried across a resume
+    best_value, bad_validations = state["best_value"], state["bad_validations"]  # best.ckpt and early stopping
     window_start, window_steps = time.perf_counter(), 0  # throughput: training time of this process only
+    stop_early = False
     progress = tqdm(total=total_steps, initial=start_step, disable=not fabric.is_global_zero, dynamic_ncols=True)
-    for epoch in range(start_step // steps_per_epoch, cfg.epochs):
+    for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
         sampler.set_position(epoch, global_step - epoch * steps_per_epoch)  # skips steps a resumed epoch has seen
         step_loss = torch.zeros((), device=fabric.device)
         for micro_step, (inputs, targets) in enumerate(train_loader):
@@ -261,48 +278,74 @@ def main(cfg: Config) -> None:
             if not math.isfinite(loss_sum):
                 fail(f"loss is {loss_sum} at step {global_step + 1}; stopped before the optimizer step, "
                      f"no checkpoint written", status=1, loggers=fabric.loggers)
-            if cfg.grad_clip is not None:
-                fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip)
+            for group in optimizer.param_groups:  # the LR is a function of the step alone: the same after a resume
+                group["lr"] = lr_at(global_step + 1, lr, cfg.warmup_steps, total_steps, cfg.lr_schedule,
+                                    cfg.min_lr_ratio)
+            # the gradient norm before clipping; without clipping only where it is logged (it would add no sync)
+            log_now = is_log_step(cfg, global_step + 1, steps_per_epoch, total_steps)
+            if cfg.grad_clip is not None or log_now:
+                grad_norm = fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip or math.inf,
+                                                  error_if_nonfinite=False)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             # -----------------------------------------------------------------------------------------------------
 
             global_step += 1
-            step_in_epoch = global_step - epoch * steps_per_epoch
             log_loss_sum += loss_sum / fabric.world_size
             log_loss_steps += 1
             window_steps += 1
             step_loss.zero_()
             progress.update(1)
+            end_of_epoch = global_step % steps_per_epoch == 0
+            last_step = global_step == total_steps
 
-            # log: train loss log_per_epoch times per epoch, in windows that end by the epoch's end; validation at
-            # the end of each epoch, in the same row
+            # log: the training loss at log steps, validation in the same row
             metrics = {}
-            window = step_in_epoch * cfg.log_per_epoch // steps_per_epoch  # 1 .. log_per_epoch
-            if window > (step_in_epoch - 1) * cfg.log_per_epoch // steps_per_epoch:
+            if log_now:
                 metrics = {"train_loss": log_loss_sum / log_loss_steps, "lr": optimizer.param_groups[0]["lr"],
+                           "grad_norm": grad_norm.item(),
                            "samples_per_sec": window_steps * cfg.eff_batch_size / (time.perf_counter() - window_start)}
                 progress.set_postfix(loss=f"{metrics['train_loss']:.4f}")
                 log_loss_sum, log_loss_steps, window_steps = 0.0, 0, 0
                 window_start = time.perf_counter()
             paused = time.perf_counter()  # validation and checkpoints do not count as training time
-            end_of_epoch = step_in_epoch == steps_per_epoch
-            if end_of_epoch:
-                val = evaluate(fabric, model, val_loader)  # all ranks
-                metrics |= {"val_loss": val["loss"], "val_acc": val["acc"], "epoch": epoch + 1}
-                print0(f"epoch {epoch + 1}: val loss {val['loss']:.4f}, val acc {val['acc']:.4f}")
+
+            # validate every val_every_n_steps (else once per epoch) and at the last step; follow the best value
+            validate = last_step or (global_step % cfg.val_every_n_steps == 0 if cfg.val_every_n_steps
+                                     else end_of_epoch)
+            improved = False
+            if validate:
+                val = evaluate(fabric, model, val_loader)  # all ranks: every rank gets the same all-reduced values
+                metrics |= {"val_loss": val["loss"], "val_acc": val["acc"], "epoch": global_step / steps_per_epoch}
+                print0(f"step {global_step} (epoch {global_step / steps_per_epoch:.2f}): val loss {val['loss']:.4f}, "
+                       f"val acc {val['acc']:.4f}")
+                value = val[cfg.monitor.removeprefix("val_")]
+                gain = (best_value - value if cfg.monitor_mode == "min" else value - best_value) \
+                    if best_value is not None else math.inf
+                improved = gain > 0  # best.ckpt follows every strict improvement
+                bad_validations = 0 if gain > cfg.early_stop_min_delta else bad_validations + 1
+                best_value = value if improved else best_value
+                stop_early = cfg.early_stop_patience > 0 and bad_validations >= cfg.early_stop_patience
+                if stop_early:
+                    metrics["stopped_early"] = 1
             if metrics:
                 fabric.log_dict(metrics, step=global_step)
 
-            # checkpoint every checkpoint_frequency epochs, at the end, and when asked to stop (all ranks)
-            last_step = global_step == total_steps
-            due = end_of_epoch and ((epoch + 1) % cfg.checkpoint_frequency == 0 or last_step)
-            if due or stop_votes:
+            # checkpoints: periodic, at the end, when stopping, and best.ckpt on each improvement (all ranks)
+            periodic = global_step % cfg.checkpoint_every_n_steps == 0 if cfg.checkpoint_every_n_steps \
+                else end_of_epoch and (global_step // steps_per_epoch) % cfg.checkpoint_frequency == 0
+            due = periodic or last_step or stop_early or stop_votes
+            if due or improved:
                 state.update(global_step=global_step, epoch=global_step // steps_per_epoch, rng=gather_rng(fabric),
                              config=settings, world_size=fabric.world_size, log_loss_sum=log_loss_sum,
-                             log_loss_steps=log_loss_steps, finished=last_step)
+                             log_loss_steps=log_loss_steps, finished=last_step or stop_early, best_value=best_value,
+                             best_step=global_step if improved else state["best_step"],
+                             bad_validations=bad_validations)
                 try:
-                    path = save_checkpoint(fabric, ckpt_dir, checkpoint_name(state["epoch"], global_step), state)
+                    if improved:
+                        save_checkpoint(fabric, ckpt_dir, BEST, state)
+                    if due:
+                        path = save_checkpoint(fabric, ckpt_dir, checkpoint_name(state["epoch"], global_step), state)
                 except CheckpointError as err:
                     fail(str(err), status=1, loggers=fabric.loggers)
                 if fabric.is_global_zero:
@@ -311,7 +354,15 @@ def main(cfg: Config) -> None:
                 print0(f"stop requested: saved {path} at step {global_step}; rerun with --resume auto",
                        file=sys.stderr)
                 exit_run(EXIT_PREEMPTED, fabric.loggers)
+            if stop_early:
+                print0(f"early stop at step {global_step}: {cfg.monitor} did not beat its best {best_value:.4f} "
+                       f"(step {state['best_step']}) by more than {cfg.early_stop_min_delta} for "
+                       f"{cfg.early_stop_patience} validations; saved {path}")
+            if last_step or stop_early:
+                break
             window_start += time.perf_counter() - paused
+        if stop_early:
+            break
     progress.close()
     close_loggers(fabric.loggers, "success")
     print0(f"done: {run_dir}")

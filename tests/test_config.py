@@ -66,6 +66,21 @@ BAD_FLAGS = [
     (["--resume"], "--resume needs a value"),  # simple_parsing would quietly take None
     (["--logger_name"], "--logger_name needs a value"),  # ... or an empty list: a run with no logs
     (["--grad_clip", "--epochs", "3"], "--grad_clip needs a value"),
+    (["--lr_schedule", "step"], "'step'"),
+    (["--warmup_steps", "-1"], "warmup_steps=-1"),
+    (["--max_steps", "10", "--warmup_steps", "10"], "warmup_steps=10 is invalid: expected smaller than max_steps=10"),
+    (["--min_lr_ratio", "1.5"], "min_lr_ratio=1.5"),
+    (["--lr_schedule", "exponential", "--min_lr_ratio", "0"], "min_lr_ratio=0.0 is invalid: expected above 0"),
+    (["--beta1", "1"], "beta1=1.0"),
+    (["--beta2", "-0.1"], "beta2=-0.1"),
+    (["--monitor", "val_f1"], "'val_f1'"),
+    (["--monitor_mode", "up"], "'up'"),
+    (["--max_steps", "0"], "max_steps=0"),
+    (["--early_stop_patience", "-1"], "early_stop_patience=-1"),
+    (["--early_stop_min_delta", "-0.1"], "early_stop_min_delta=-0.1"),
+    (["--val_every_n_steps", "0"], "val_every_n_steps=0"),
+    (["--checkpoint_every_n_steps", "0"], "checkpoint_every_n_steps=0"),
+    (["--log_every_n_steps", "0"], "log_every_n_steps=0"),
 ]
 
 
@@ -81,6 +96,7 @@ def test_bad_flag_is_one_line_exit_2(argv, needle, capsys):
 BAD_FILES = [
     ("foo: 1\n", "unknown key 'foo'"),
     ("logger_name: []\n", "logger_name=[]"),
+    ("lr_schedule: step\n", "'step'"),  # Literals are checked for file values too
     ("epochs: abc\n", "'abc'"),
     ("precision: fp8\n", "precision='fp8'"),
     ("logger_name: [csv, mlflow]\n", "'mlflow'"),  # choices are checked for file values too
@@ -111,6 +127,7 @@ def test_missing_config_file(tmp_path, capsys):
     (["--devices", "2", "--eff_batch_size", "63"], "eff_batch_size=63"),  # cannot be split over 2 processes
     (["--eff_batch_size", "4096"], "eff_batch_size=4096"),  # larger than the training set
     (["--resume", "no/such/run"], "resume='no/such/run'"),
+    (["--init_from", "no/such/weights.pt"], "init_from='no/such/weights.pt': no such file"),
 ])
 def test_train_refuses_bad_input_and_writes_nothing(root, args, needle):
     result = run_script("train.py", "--root_dir", root, "--accelerator", "cpu", *args, check_rc=2)

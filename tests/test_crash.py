@@ -119,7 +119,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, two_epochs):
     torch.save({"model": RunsCommand(marker)}, crafted)
     with pytest.raises(pickle.UnpicklingError):  # the file really is refused by weights_only loading ...
         torch.load(crafted, weights_only=True)
-    result = run_script("test.py", "--out_dir", run)  # ... by test.py
+    result = run_script("test.py", "--out_dir", run, "--checkpoint", "last")  # ... by test.py
     assert f"warning: checkpoint {crafted}" in result.stderr and "epoch-0002-step-00000038" in result.stdout
     torch.save({"model": RunsCommand(marker)}, crafted)
     result = train(root, "--resume", run, "--epochs", "3")  # ... and by resume
@@ -180,7 +180,10 @@ def test_disk_full_during_save(tmp_path):
         stat = os.statvfs(disk)
         (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 300_000))  # leave ~300 kB
         result = train(root, "--resume", run, "--epochs", "2", check_rc=1)
-        assert "could not save checkpoint" in result.stderr and "epoch-0002-step-00000038.ckpt" in result.stderr
+        # the first save of epoch 2 fails: best.ckpt if the validation improved, else the epoch checkpoint
+        assert "could not save checkpoint" in result.stderr
+        assert "best.ckpt" in result.stderr or "epoch-0002-step-00000038.ckpt" in result.stderr
+        assert load(run / "checkpoints" / "best.ckpt")["global_step"] == 19  # the earlier best, intact
         assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
         assert names(run) == before and load(checkpoints(run)[-1])["global_step"] == 19
         assert not list((run / "checkpoints").glob(".*.tmp"))

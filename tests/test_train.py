@@ -10,6 +10,7 @@ from conftest import checkpoints, load, only_run, run_script, train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from wandb_records import history
 
+from utils.lr_schedule import lr_at
 from utils.run_dir import create_run_dir
 
 
@@ -31,7 +32,7 @@ def test_bare_train_then_test_reaches_095(tmp_path):
 
 def test_run_folder_config_logs_and_checkpoints(root):
     train(root, "--epochs", "3", "--log_per_epoch", "4", "--comment", "short note", "--micro_batch_size", "16",
-          "--num_checkpoint_keep", "2")
+          "--num_checkpoint_keep", "2", "--warmup_steps", "5")
     run = only_run(root)
     assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "logs"]
 
@@ -39,7 +40,9 @@ def test_run_folder_config_logs_and_checkpoints(root):
     assert list(saved)[:3] == ["accelerator", "devices", "num_nodes"]  # field order, not sorted
     assert saved["comment"] == "short note" and saved["epochs"] == 3
     assert saved["derived"] == {"world_size": 1, "per_device_batch_size": 64, "accum_steps": 4,
-                                "micro_batch_size": 16, "lr": 0.002, "steps_per_epoch": 19}
+                                "micro_batch_size": 16, "lr": 0.002, "steps_per_epoch": 19, "total_steps": 57,
+                                "param_groups": {"decay": {"tensors": 4, "params": 151072},  # conv and linear weights
+                                                 "no_decay": {"tensors": 4, "params": 234}}}  # biases
 
     # csv: train loss 4 times per epoch, validation once per epoch, in one row per step
     with open(run / "logs" / "csv" / "metrics.csv") as f:
@@ -48,13 +51,16 @@ def test_run_folder_config_logs_and_checkpoints(root):
     assert train_steps == [5, 10, 15, 19, 24, 29, 34, 38, 43, 48, 53, 57]  # each window ends by its epoch's end
     assert [int(r["step"]) for r in rows if r["val_loss"]] == [19, 38, 57]
     assert len({r["step"] for r in rows}) == len(rows)
-    assert all(float(r["samples_per_sec"]) > 0 and float(r["lr"]) == 0.002 for r in rows if r["train_loss"])
+    assert all(float(r["samples_per_sec"]) > 0 and float(r["grad_norm"]) > 0 for r in rows if r["train_loss"])
+    # the LR of each logged step: 5 warmup steps to the peak, then cosine decay to 0.1 x peak at step 57
+    assert [float(r["lr"]) for r in rows] == [lr_at(int(r["step"]), 0.002, 5, 57, "cosine", 0.1) for r in rows]
+    assert float(rows[0]["lr"]) == 0.002 and float(rows[-1]["lr"]) == pytest.approx(0.0002)
 
     # tensorboard: real event files, read back
     events = EventAccumulator(str(run / "logs" / "tensorboard"))
     events.Reload()
     scalars = events.Tags()["scalars"]
-    assert {"train_loss", "val_loss", "val_acc", "lr", "samples_per_sec"} <= set(scalars)
+    assert {"train_loss", "val_loss", "val_acc", "lr", "samples_per_sec", "grad_norm"} <= set(scalars)
     assert [e.step for e in events.Scalars("val_acc")] == [19, 38, 57]
     assert events.Scalars("val_acc")[-1].value > 0.8
 
@@ -64,6 +70,12 @@ def test_run_folder_config_logs_and_checkpoints(root):
     assert {"model", "optimizer", "epoch", "global_step", "config"} <= set(ckpt)
     assert (ckpt["epoch"], ckpt["global_step"], ckpt["config"]["comment"]) == (3, 57, "short note")
     assert isinstance(ckpt["config"], dict) and "0.weight" in ckpt["model"]
+    # weight decay on the 4 weight tensors (2 or more dimensions), not on the 4 biases
+    decay, no_decay = ckpt["optimizer"]["param_groups"]
+    moments = {i: ckpt["optimizer"]["state"][i]["exp_avg"] for i in decay["params"] + no_decay["params"]}
+    assert decay["weight_decay"] == 0.01 and [moments[i].dim() >= 2 for i in decay["params"]] == [True] * 4
+    assert no_decay["weight_decay"] == 0.0 and [moments[i].dim() for i in no_decay["params"]] == [1] * 4
+    assert decay["betas"] == no_decay["betas"] == (0.9, 0.999)
 
 
 def test_checkpoint_frequency_and_the_last_one(root):

@@ -19,6 +19,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 NAME = re.compile(r"epoch-(\d+)-step-(\d+)\.ckpt")
+BEST = "best.ckpt"  # the best validation so far; retention and picking a checkpoint to resume from ignore it
 SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
 
@@ -182,10 +183,13 @@ def model_mismatch(saved: dict, model_state: dict) -> str | None:
 
 
 def move_newer_aside(ckpt_dir: Path, resumed_from: Path) -> Path | None:
-    """Resuming from an earlier checkpoint starts a branch: the checkpoints after it move (not deleted) to
-    checkpoints/abandoned-<stamp>/. Returns that folder, or None if there were none."""
-    step = int(NAME.fullmatch(resumed_from.name).group(2))
+    """Resuming from an earlier checkpoint starts a branch: the checkpoints after it, best.ckpt included, move (not
+    deleted) to checkpoints/abandoned-<stamp>/. Returns that folder, or None if there were none."""
+    step = open_checkpoint(resumed_from)["global_step"]
     newer = [p for p in list_checkpoints(ckpt_dir) if int(NAME.fullmatch(p.name).group(2)) > step]
+    best = ckpt_dir / BEST
+    if best.exists() and open_checkpoint(best)["global_step"] > step:
+        newer.append(best)
     if not newer:
         return None
     aside = ckpt_dir / f"abandoned-{datetime.now():%Y%m%d-%H%M%S}"
@@ -194,3 +198,23 @@ def move_newer_aside(ckpt_dir: Path, resumed_from: Path) -> Path | None:
         os.replace(path, aside / path.name)
     _fsync(ckpt_dir)
     return aside
+
+
+def load_model_weights(model: torch.nn.Module, path: str) -> str:
+    """init_from: model weights only (weights_only loading), from a template checkpoint or a plain state_dict.
+    Missing and unexpected keys are allowed and reported; a shape that does not fit raises CheckpointError."""
+    try:
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(": no such file") from None
+    except Exception as err:
+        raise CheckpointError(f" does not open ({type(err).__name__})") from None
+    weights = weights["model"] if isinstance(weights.get("model"), dict) else weights  # a checkpoint, or weights
+    own = model.state_dict()
+    shared = [key for key in weights if key in own]
+    mismatch = model_mismatch({k: weights[k] for k in shared}, {k: own[k] for k in shared})
+    if mismatch:
+        raise CheckpointError(f" does not fit the model: {mismatch}")
+    result = model.load_state_dict(weights, strict=False)
+    return (f"init_from {path}: {len(shared)} tensors loaded; missing keys: {result.missing_keys or 'none'}; "
+            f"unexpected keys: {result.unexpected_keys or 'none'}")

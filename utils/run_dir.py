@@ -10,8 +10,10 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import yaml
+from lightning.fabric import Fabric
 
 from utils.checkpoint import is_checkpoint_file, newest_that_opens, run_finished
+from utils.exits import fail
 
 CONFIG, RESUMES, LOCK, SLURM_JOB = "config.yaml", "resumes.yaml", ".lock", "slurm_job_id"
 
@@ -73,6 +75,24 @@ def is_locked(run_dir: Path) -> bool:
         return False
     finally:
         os.close(fd)  # also drops the shared lock just taken
+
+
+def claim_run_dir(fabric: Fabric, cfg) -> tuple[Path, Path | None]:
+    """All ranks: (run folder, checkpoint named by --resume or None). Global rank 0 makes a new folder or takes the
+    resumed run's, and locks it before anything in it is touched: one writer per run folder."""
+    claimed, error = None, None
+    if fabric.is_global_zero:
+        run_dir, named = find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir)  # resolved by load_config
+        try:
+            run_dir = run_dir or create_run_dir(cfg.root_dir, cfg.out_dir)
+            lock_run_dir(run_dir)
+            claimed = run_dir, named
+        except RunInUse as err:
+            error = f"resume={cfg.resume!r}: {err}; wait for it to end or resume another run"
+    error = fabric.broadcast(error)  # all ranks
+    if error:
+        fail(error)
+    return fabric.broadcast(claimed)  # all ranks
 
 
 # -- which run --resume continues --------------------------------------------------------------------------------------

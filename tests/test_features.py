@@ -1,0 +1,183 @@
+"""Training features of modern recipes: LR schedules, best checkpoint, early stopping, step-based runs, fine-tuning
+from weights, the gradient norm."""
+
+import csv
+import math
+
+import pytest
+import torch
+from conftest import assert_one_error_line, checkpoints, load, max_weight_diff, only_run, run_script
+from test_resume import identical
+
+from utils.lr_schedule import lr_at
+
+ARGS = ["--accelerator", "cpu", "--logger_name", "csv"]  # 19 steps per epoch
+
+
+def train(root, *args, driver=False, **kwargs):
+    return run_script("tests/fault_driver.py" if driver else "train.py", "--root_dir", root, *ARGS, *args, **kwargs)
+
+
+def rows(run):
+    with open(run / "logs" / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# -- LR schedule -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule,mid", [("cosine", 0.55), ("linear", 0.55), ("exponential", math.sqrt(0.1)),
+                                          ("constant", 1.0)])
+def test_lr_at_chosen_steps(schedule, mid):
+    """10 warmup steps, then decay over steps 10..110 to 0.1 x peak; `mid` is the fraction of the peak at step 60."""
+    def lr(step):
+        return lr_at(step, 2.0, 10, 110, schedule, 0.1)
+
+    assert lr(1) == pytest.approx(0.2)  # warmup starts at peak / warmup_steps
+    assert lr(10) == 2.0  # and reaches the peak at step warmup_steps
+    assert lr(60) == pytest.approx(2.0 * mid)
+    assert lr(110) == pytest.approx(2.0 if schedule == "constant" else 0.2)  # min_lr_ratio x peak at the last step
+    assert lr(11) < 2.0 or schedule == "constant"
+
+
+# -- step-based runs, exact resume mid-epoch, the same LR on any world size ------------------------------------------
+
+STEPS = ["--max_steps", "30", "--val_every_n_steps", "7", "--checkpoint_every_n_steps", "10", "--log_every_n_steps",
+         "1", "--warmup_steps", "4", "--num_checkpoint_keep", "10"]
+
+
+@pytest.fixture(scope="module")
+def step_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("steps")
+    train(root, *STEPS)
+    return only_run(root)
+
+
+@pytest.mark.slow
+def test_max_steps_run_validates_and_checkpoints_on_its_own_steps(step_run):
+    logged = rows(step_run)
+    assert [int(r["step"]) for r in logged] == list(range(1, 31))  # ends mid-epoch 2 (19 steps per epoch)
+    assert [int(r["step"]) for r in logged if r["val_loss"]] == [7, 14, 21, 28, 30]
+    assert [load(p)["global_step"] for p in checkpoints(step_run)] == [10, 20, 30]
+    assert [float(r["lr"]) for r in logged] == [lr_at(s, 0.002, 4, 30, "cosine", 0.1) for s in range(1, 31)]
+    assert load(checkpoints(step_run)[-1])["finished"] and all(float(r["grad_norm"]) > 0 for r in logged)
+
+
+@pytest.mark.slow
+def test_max_steps_resume_from_a_mid_epoch_checkpoint_is_exact(step_run, tmp_path):
+    """SIGKILL at step 25; the resume starts from the mid-epoch checkpoint at step 20 and ends bit-identical, with
+    the same logged rows and LR at every step."""
+    train(tmp_path, *STEPS, driver=True, env={"FAULT": "sigkill", "FAULT_AT_FORWARD": "25"}, check_rc=-9)
+    run = only_run(tmp_path)
+    result = train(tmp_path, *STEPS, "--resume", run)
+    assert "at step 20" in result.stdout
+    assert identical(load(checkpoints(run)[-1]), load(checkpoints(step_run)[-1]))
+
+    def without_speed(run):
+        return [{k: v for k, v in r.items() if k != "samples_per_sec"} for r in rows(run)]
+
+    assert without_speed(run) == without_speed(step_run)
+
+
+@pytest.mark.slow
+def test_two_processes_use_the_same_lr_at_every_step(step_run, tmp_path):
+    train(tmp_path, *STEPS, "--devices", "2")
+    assert [r["lr"] for r in rows(only_run(tmp_path))] == [r["lr"] for r in rows(step_run)]
+
+
+# -- best checkpoint and early stopping ------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_best_checkpoint_follows_the_monitor_and_survives_retention_and_resume(tmp_path):
+    root = tmp_path / "runs"
+    train(root, "--epochs", "3", "--monitor", "val_acc", "--monitor_mode", "max", "--num_checkpoint_keep", "1")
+    run = only_run(root)
+    accs = {int(r["step"]): float(r["val_acc"]) for r in rows(run) if r["val_acc"]}
+    best_step = max(accs, key=lambda step: (accs[step], -step))  # the first of the highest
+    best = load(run / "checkpoints" / "best.ckpt")
+    assert (best["global_step"], best["best_value"]) == (best_step, accs[best_step])
+    assert [p.name for p in checkpoints(run)] == ["epoch-0003-step-00000057.ckpt"]  # retention spared best.ckpt
+
+    # a resume that makes things worse (a huge LR) keeps the best of before: the best value was restored
+    train(root, "--resume", run, "--epochs", "4", "--base_lr", "5", "--grad_clip", "1e9")
+    assert float(rows(run)[-1]["val_acc"]) < accs[best_step]
+    assert load(run / "checkpoints" / "best.ckpt")["global_step"] == best_step
+
+    # test.py takes best by default, last or a file on request
+    assert "best.ckpt" in run_script("test.py", "--out_dir", run).stdout
+    assert "epoch-0004-step-00000076.ckpt" in run_script("test.py", "--out_dir", run, "--checkpoint", "last").stdout
+    (run / "checkpoints" / "best.ckpt").unlink()
+    assert "epoch-0004-step-00000076.ckpt" in run_script("test.py", "--out_dir", run).stdout
+    assert_one_error_line(run_script("test.py", "--out_dir", run, "--checkpoint", "best", check_rc=2),
+                          "checkpoint='best'", "no best checkpoint")
+
+
+EARLY = ["--epochs", "10", "--monitor", "val_acc", "--monitor_mode", "max", "--early_stop_patience", "2",
+         "--early_stop_min_delta", "0.5"]  # no validation beats the first by 0.5: stop after the third
+
+
+@pytest.mark.slow
+def test_early_stopping_stops_every_rank_and_counts_across_a_resume(tmp_path):
+    result = train(tmp_path / "straight", *EARLY, "--devices", "2")
+    run = only_run(tmp_path / "straight")
+    assert "early stop at step 57: val_acc did not beat its best" in result.stdout
+    final = load(checkpoints(run)[-1])
+    assert final["global_step"] == 57 and final["finished"] and final["bad_validations"] == 2
+    assert [r["stopped_early"] for r in rows(run) if r["stopped_early"]] == ["1"] and rows(run)[-1]["step"] == "57"
+    # best.ckpt follows strict improvements, not only those larger than min_delta
+    accs = {int(r["step"]): float(r["val_acc"]) for r in rows(run) if r["val_acc"]}
+    assert load(run / "checkpoints" / "best.ckpt")["best_value"] == max(accs.values())
+
+    # stopped by a signal after the second validation (one bad one counted), the resume counts on
+    train(tmp_path / "resumed", *EARLY, driver=True, env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": "40"}, check_rc=143)
+    stopped = only_run(tmp_path / "resumed")
+    assert load(checkpoints(stopped)[-1])["bad_validations"] == 1
+    train(tmp_path / "resumed", *EARLY, "--resume", "auto")
+    assert load(checkpoints(stopped)[-1])["global_step"] == 57
+    result = train(tmp_path / "resumed", *EARLY, "--resume", "auto")  # finished: auto starts a new run ...
+    assert len(list((tmp_path / "resumed").iterdir())) == 2
+    result = train(tmp_path / "resumed", *EARLY, "--resume", stopped)  # ... and naming it trains nothing
+    assert "stopped early at step 57; nothing to train" in result.stdout
+
+
+# -- fine-tuning from weights ----------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_init_from_a_checkpoint_or_a_state_dict(tmp_path):
+    train(tmp_path / "source", "--epochs", "1")
+    source = checkpoints(only_run(tmp_path / "source"))[-1]
+    weights = load(source)["model"]
+    plain = tmp_path / "weights.pt"
+    torch.save({k: v for k, v in weights.items() if k != "7.bias"}, plain)  # a plain state_dict, one key short
+
+    # an LR of 1e-12 and no weight decay: the weights after one step are the loaded ones
+    tiny = ["--max_steps", "1", "--base_lr", "1e-12", "--weight_decay", "0"]
+    for path, missing in ((source, "none"), (plain, "['7.bias']")):
+        root = tmp_path / path.stem
+        result = train(root, *tiny, "--init_from", path)
+        assert f"missing keys: {missing}; unexpected keys: none" in result.stdout
+        final = load(checkpoints(only_run(root))[-1])
+        assert final["global_step"] == 1 and final["optimizer"]["state"][0]["step"] == 1  # a new run, fresh optimizer
+        shared = {k: v for k, v in final["model"].items() if k != "7.bias"}
+        assert max_weight_diff(shared, {k: weights[k] for k in shared}) < 1e-6
+
+    # a resume does not apply init_from again; init_from with --resume is refused
+    run = only_run(tmp_path / plain.stem)
+    result = train(run.parent, *tiny, "--max_steps", "2", "--resume", run)
+    assert "tensors loaded" not in result.stdout and "at step 1" in result.stdout
+    result = train(run.parent, "--resume", run, "--init_from", plain, check_rc=2)
+    assert_one_error_line(result, f"init_from='{plain}'", "cannot be given with resume")
+
+    wrong = tmp_path / "wrong.pt"
+    torch.save({**weights, "0.weight": torch.zeros(8, 1, 3, 3)}, wrong)
+    result = train(tmp_path / "wrong", "--init_from", wrong, check_rc=2)
+    assert_one_error_line(result, "'0.weight' has shape (8, 1, 3, 3)", "(32, 1, 3, 3)")
+    assert not (tmp_path / "wrong").exists()  # nothing written
+
+
+# -- bad input that needs the data -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_warmup_longer_than_an_epoch_based_run(tmp_path):
+    result = train(tmp_path, "--epochs", "1", "--warmup_steps", "19", check_rc=2)
+    assert_one_error_line(result, "warmup_steps=19", "fewer than the run's 19 steps")
+    assert list(tmp_path.iterdir()) == []
