@@ -197,13 +197,16 @@ def test_resume_from_an_earlier_checkpoint_with_new_settings(finished, tmp_path)
     run = copy_run(finished, tmp_path)
     config_before = (run / "config.yaml").read_bytes()
     first = checkpoints(run)[0]
-    result = train(run.parent, "--resume", first, "--epochs", "3", "--base_lr", "0.004")
+    result = train(run.parent, "--resume", first, "--epochs", "3", "--base_lr", "0.004", "--weight_decay", "0.05",
+                   "--beta2", "0.99")
     assert "resuming from an earlier checkpoint starts a branch" in result.stdout and "peak lr 0.004" in result.stdout
     abandoned = list((run / "checkpoints").glob("abandoned-*/epoch-0002-step-00000038.ckpt"))
     assert len(abandoned) == 1 and load(abandoned[0])["global_step"] == 38  # moved, not deleted
     assert load(abandoned[0].parent / "best.ckpt")["global_step"] == 38  # the old branch's best went along
     assert [load(p)["global_step"] for p in checkpoints(run)] == [19, 38, 57]
-    assert load(checkpoints(run)[-1])["optimizer"]["param_groups"][0]["lr"] == 0.004
+    decay, no_decay = load(checkpoints(run)[-1])["optimizer"]["param_groups"]
+    assert (decay["lr"], decay["weight_decay"], decay["betas"]) == (0.004, 0.05, (0.9, 0.99))
+    assert (no_decay["weight_decay"], no_decay["betas"]) == (0.0, (0.9, 0.99))
 
     rows = csv_rows(run)
     assert [int(r["step"]) for r in rows] == sorted({int(r["step"]) for r in rows})  # each step once
@@ -213,7 +216,8 @@ def test_resume_from_an_earlier_checkpoint_with_new_settings(finished, tmp_path)
     assert (run / "config.yaml").read_bytes() == config_before
     (entry,) = yaml.safe_load((run / "resumes.yaml").read_text())
     assert entry["at_step"] == 19 and entry["from_checkpoint"] == first.name
-    assert entry["changed"] == {"root_dir": str(run.parent), "epochs": 3, "base_lr": 0.004}  # the copy moved it
+    assert entry["changed"] == {"root_dir": str(run.parent), "epochs": 3, "base_lr": 0.004,  # the copy moved it
+                                "weight_decay": 0.05, "beta2": 0.99}
     assert entry["derived_changed"] == {"lr": 0.004, "total_steps": 57}
     assert "resume" not in yaml.safe_load(config_before)
 
