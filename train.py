@@ -355,9 +355,9 @@ def main(cfg: Config) -> None:
                        file=sys.stderr)
                 exit_run(EXIT_PREEMPTED, fabric.loggers)
             if stop_early:
-                print0(f"early stop at step {global_step}: {cfg.monitor} did not beat its best {best_value:.4f} "
-                       f"(step {state['best_step']}) by more than {cfg.early_stop_min_delta} for "
-                       f"{cfg.early_stop_patience} validations; saved {path}")
+                print0(f"early stop at step {global_step}: {cfg.monitor} gained no more than "
+                       f"{cfg.early_stop_min_delta} in {cfg.early_stop_patience} validation(s) in a row "
+                       f"(best {best_value:.4f} at step {state['best_step']}); saved {path}")
             if last_step or stop_early:
                 break
             window_start += time.perf_counter() - paused

@@ -119,7 +119,7 @@ EARLY = ["--epochs", "10", "--monitor", "val_acc", "--monitor_mode", "max", "--e
 def test_early_stopping_stops_every_rank_and_counts_across_a_resume(tmp_path):
     result = train(tmp_path / "straight", *EARLY, "--devices", "2")
     run = only_run(tmp_path / "straight")
-    assert "early stop at step 57: val_acc did not beat its best" in result.stdout
+    assert "early stop at step 57: val_acc gained no more than 0.5 in 2 validation(s)" in result.stdout
     final = load(checkpoints(run)[-1])
     assert final["global_step"] == 57 and final["finished"] and final["bad_validations"] == 2
     assert [r["stopped_early"] for r in rows(run) if r["stopped_early"]] == ["1"] and rows(run)[-1]["step"] == "57"
