@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader
 
 from config import parse_config
 from model import make_model
-from train import evaluate, launch, load_datasets, make_fabric, print0
+from train import evaluate, load_datasets, make_fabric, print0
 from utils.checkpoint import BEST, CheckpointError, model_mismatch, open_checkpoint, pick_checkpoint
 from utils.exits import exit_run, fail
+from utils.launching import launch
 from utils.run_dir import run_record
 from utils.samplers import ShardSampler
 

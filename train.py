@@ -17,10 +17,8 @@ Fabric places devices, starts processes and handles precision; everything else i
 """
 
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,25 +33,24 @@ from tqdm import tqdm
 from config import Config, load_config, settings_record
 from data import NUM_CLASSES, make_datasets
 from model import make_model
-from utils.batching import BatchPlan, plan_batches, planned_world_size, scaled_lr
+from utils.batching import plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
     BEST,
     AtomicCheckpointIO,
     CheckpointError,
     checkpoint_name,
     load_model_weights,
-    model_mismatch,
     move_newer_aside,
-    open_checkpoint,
-    pick_checkpoint,
     prune_checkpoints,
     save_checkpoint,
 )
 from utils.exits import exit_run, fail
+from utils.launching import launch
 from utils.loggers import close_loggers, log_hyperparams, make_loggers
 from utils.lr_schedule import lr_at
 from utils.preemption import EXIT_PREEMPTED, StopRequest
-from utils.rng import gather_rng, restore_rng
+from utils.resume import resume_state
+from utils.rng import gather_rng
 from utils.run_dir import claim_run_dir, record_resume, record_start
 from utils.samplers import ResumableShuffleSampler, ShardSampler
 
@@ -83,17 +80,6 @@ def make_fabric(cfg: Config) -> Fabric:
                       strategy=cfg.strategy, precision=cfg.precision, plugins=[AtomicCheckpointIO()])
     except (ValueError, RuntimeError, MisconfigurationException) as err:
         fail(str(err).strip().splitlines()[0])
-
-
-def launch(fabric: Fabric) -> None:
-    """Starts the other processes, unless a launcher (torchrun, fabric run) has started all of them already."""
-    world_size = planned_world_size(fabric)
-    launched = int(os.environ.get("WORLD_SIZE", world_size))  # set by torchrun and fabric run
-    if launched != world_size:
-        fail(f"the launcher started {launched} processes but devices x num_nodes = {world_size}: "
-             f"set --devices (per node) and --num_nodes to match it")
-    if not os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes exist already
-        fabric.launch()
 
 
 def load_datasets(fabric: Fabric, cfg: Config) -> tuple[Dataset, Dataset, Dataset]:
@@ -127,37 +113,6 @@ def is_log_step(cfg: Config, step: int, steps_per_epoch: int, total_steps: int) 
     in_epoch = (step - 1) % steps_per_epoch + 1
     window = in_epoch * cfg.log_per_epoch // steps_per_epoch  # 1 .. log_per_epoch
     return window > (in_epoch - 1) * cfg.log_per_epoch // steps_per_epoch or step == total_steps
-
-
-def resume_state(fabric: Fabric, cfg: Config, ckpt_dir: Path, named: Path | None, state: dict,
-                 batches: BatchPlan) -> Path | None:
-    """All ranks: restores `state` from the named checkpoint or the newest that opens, refuses what cannot change
-    mid-run and applies the optimizer settings given now. Returns the checkpoint; None if the run has none yet."""
-    try:
-        path = pick_checkpoint(fabric, ckpt_dir, named)  # all ranks
-    except CheckpointError as err:
-        fail(f"resume={cfg.resume!r}: {err}")
-    if path is None:
-        return None
-    mismatch = model_mismatch(open_checkpoint(path)["model"], state["model"].state_dict())
-    if mismatch:
-        fail(f"checkpoint {path} does not fit the model: {mismatch}")
-    rng = fabric.load(path, state)["rng"]
-    for name in ("eff_batch_size", "seed"):  # a new batch size or seed would change the epoch in progress
-        if state["config"][name] != getattr(cfg, name):
-            fail(f"{name}={getattr(cfg, name)} differs from the checkpoint's {state['config'][name]}: "
-                 f"a resumed run keeps its {name}")
-    # optimizer settings given now win over the restored ones (the LR is set at every step)
-    for group in state["optimizer"].param_groups:
-        group["betas"] = (cfg.beta1, cfg.beta2)
-    state["optimizer"].param_groups[0]["weight_decay"] = cfg.weight_decay  # the decayed group (make_optimizer)
-    if state["world_size"] == fabric.world_size:
-        restore_rng(rng[fabric.global_rank])
-    else:
-        print0(f"resuming on world size {fabric.world_size} (was {state['world_size']}): "
-               f"{batches.per_device} samples per device, {batches.accum_steps} accumulation steps; "
-               f"random states start afresh")
-    return path
 
 
 def main(cfg: Config) -> None:

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import train  # noqa: E402
-import utils.rng  # noqa: E402
+import utils.resume  # noqa: E402
 import utils.samplers  # noqa: E402
 
 forwards = 0
@@ -68,7 +68,7 @@ def break_resume(part: str) -> None:
     sampler = utils.samplers.ResumableShuffleSampler
     original = sampler.set_position
     if part == "rng":
-        train.restore_rng = lambda state: None
+        utils.resume.restore_rng = lambda state: None
     elif part == "batch_skip":
         sampler.set_position = lambda self, epoch, steps_done=0: original(self, epoch, 0)
     elif part == "sampler_epoch":  # as Fabric's own loader would: epochs counted from 0 in every new process
