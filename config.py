@@ -221,8 +221,9 @@ def _bare_flag(argv: list[str]) -> str | None:
 def parse_config(argv: list[str] | None = None, saved: dict | None = None, description: str | None = None) -> Config:
     """Parses flags over --config_path over `saved` (a run's own settings) over the defaults."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    if _bare_flag(argv):
-        fail(f"{_bare_flag(argv)} needs a value")
+    bare = _bare_flag(argv)
+    if bare:
+        fail(f"{bare} needs a value")
     parser = make_parser(description)
     try:
         config_path = parser.parse_known_args(argv)[0].config_path
@@ -269,7 +270,6 @@ def load_config(argv: list[str] | None = None, description: str | None = None) -
         saved = _check_keys(run_record(run_dir)[0])
     except (OSError, ValueError, yaml.YAMLError) as err:
         fail(f"resume={cfg.resume!r}: the run's record cannot be read ({str(err).splitlines()[0]})")
-    saved.pop("resume", None)
     cfg = parse_config(argv, saved=saved, description=description)
     cfg.resume = os.environ[RESUME_CHOICE]
     return cfg

@@ -11,7 +11,6 @@ number of devices (no sampler padding), and each device forwards at most the run
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -19,7 +18,14 @@ from torch.utils.data import DataLoader
 from config import parse_config
 from model import make_model
 from train import evaluate, load_datasets, make_fabric, print0
-from utils.checkpoint import BEST, CheckpointError, model_mismatch, open_checkpoint, pick_checkpoint
+from utils.checkpoint import (
+    BEST,
+    CheckpointError,
+    model_mismatch,
+    open_checkpoint,
+    pick_checkpoint,
+    write_text_atomically,
+)
 from utils.exits import exit_run, fail
 from utils.launching import launch
 from utils.run_dir import run_record
@@ -75,9 +81,7 @@ def main() -> None:
     print0(f"test loss {metrics['loss']:.4f}, test acc {metrics['acc']:.4f} "
            f"on {metrics['samples']} samples ({checkpoint})")
     if fabric.is_global_zero:
-        tmp = args.out_dir / ".test_metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-        os.replace(tmp, args.out_dir / "test_metrics.json")
+        write_text_atomically(args.out_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
 
 
 if __name__ == "__main__":

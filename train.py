@@ -303,7 +303,7 @@ def main(cfg: Config) -> None:
                         path = save_checkpoint(fabric, ckpt_dir, checkpoint_name(state["epoch"], global_step), state)
                 except CheckpointError as err:
                     fail(str(err), status=1, loggers=fabric.loggers)
-                if fabric.is_global_zero:
+                if due and fabric.is_global_zero:
                     prune_checkpoints(ckpt_dir, cfg.num_checkpoint_keep, protect=resumed_from)
             if stop_votes:
                 print0(f"stop requested: saved {path} at step {global_step}; rerun with --resume auto",

@@ -47,6 +47,14 @@ def _temporary(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """A small text file (a record, a log, a result) written under a temporary name and renamed into place: a kill
+    at any moment leaves the old file or the new one."""
+    tmp = _temporary(path)
+    tmp.write_text(text, newline="")
+    os.replace(tmp, path)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

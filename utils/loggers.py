@@ -10,6 +10,8 @@ from pathlib import Path
 from lightning.fabric.loggers import CSVLogger, TensorBoardLogger
 from lightning.fabric.loggers.csv_logs import _ExperimentWriter
 
+from utils.checkpoint import write_text_atomically
+
 
 def make_loggers(names: list[str], run_dir: Path, start_step: int, wandb_project: str) -> list:
     """Loggers for a run that starts (or resumes) after optimizer step `start_step`."""
@@ -35,9 +37,7 @@ def _wandb_run_id(folder: Path) -> str:
     path = folder / "run_id"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / ".run_id.tmp"
-        tmp.write_text(secrets.token_hex(8) + "\n")
-        os.replace(tmp, path)
+        write_text_atomically(path, secrets.token_hex(8) + "\n")
     return path.read_text().strip()
 
 
@@ -66,9 +66,7 @@ class ContinuedCSVLogger(CSVLogger):
             writer = csv.DictWriter(text, fieldnames=header, lineterminator="\r\n")
             writer.writeheader()
             writer.writerows(kept)
-            tmp = metrics_file.with_name(".metrics.csv.tmp")
-            tmp.write_text(text.getvalue(), newline="")
-            os.replace(tmp, metrics_file)  # a kill at any moment leaves the old rows or the kept ones
+            write_text_atomically(metrics_file, text.getvalue())  # a kill leaves the old rows or the kept ones
 
     @property
     def experiment(self) -> _ExperimentWriter:

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 from lightning.fabric import Fabric
 
-from utils.checkpoint import is_checkpoint_file, newest_that_opens, run_finished
+from utils.checkpoint import is_checkpoint_file, newest_that_opens, run_finished, write_text_atomically
 from utils.exits import fail
 
 CONFIG, RESUMES, LOCK, SLURM_JOB = "config.yaml", "resumes.yaml", ".lock", "slurm_job_id"
@@ -152,18 +152,12 @@ def _read(path: Path) -> str | None:
         return None
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def record_start(run_dir: Path, settings: dict, derived: dict) -> None:
     """config.yaml, written once at the run's first start: the settings in field order, then the values derived
     from them. In a SLURM batch job, also the job's id, so that a requeue finds this run."""
-    _write_atomically(run_dir / CONFIG, yaml.safe_dump({**settings, "derived": derived}, sort_keys=False))
+    write_text_atomically(run_dir / CONFIG, yaml.safe_dump({**settings, "derived": derived}, sort_keys=False))
     if slurm_job() is not None:
-        _write_atomically(run_dir / SLURM_JOB, slurm_job() + "\n")
+        write_text_atomically(run_dir / SLURM_JOB, slurm_job() + "\n")
 
 
 def run_record(run_dir: Path) -> tuple[dict, dict]:
@@ -193,4 +187,4 @@ def record_resume(run_dir: Path, settings: dict, derived: dict, at_step: int, ch
         entry["abandoned"] = str(abandoned.relative_to(run_dir))
     path = run_dir / RESUMES
     entries = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
-    _write_atomically(path, yaml.safe_dump([*entries, entry], sort_keys=False))
+    write_text_atomically(path, yaml.safe_dump([*entries, entry], sort_keys=False))
