@@ -1,4 +1,6 @@
-"""Every setting of a run: one flat dataclass, parsed from the command line and an optional YAML file.
+"""Every setting of a run: one dataclass, parsed from the command line and an optional YAML file. The settings of
+the data and the model are declared beside their code (DataConfig in data.py, ModelConfig in model.py) and nested
+here: their flags stay short (--n_layer 6) and a YAML file holds them under `data:` and `model:`.
 
 Precedence, lowest first: the defaults below, the run's own config.yaml (with --resume RUN), --config_path FILE,
 then flags on the command line.
@@ -7,7 +9,7 @@ then flags on the command line.
 import dataclasses
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -17,6 +19,8 @@ from lightning.fabric.accelerators import ACCELERATOR_REGISTRY
 from lightning.fabric.connector import _PRECISION_INPUT_STR
 from simple_parsing.helpers import list_field
 
+from data import DataConfig
+from model import ModelConfig
 from utils.exits import fail
 from utils.lr_schedule import SCHEDULES
 
@@ -118,6 +122,9 @@ class Config:
     early_stop_min_delta: float = 0.0
     """How much a validation must beat the best by to count as an improvement for early stopping."""
 
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
     def __post_init__(self):
         if isinstance(self.devices, str) and self.devices.lstrip("-").isdigit():
             self.devices = int(self.devices)
@@ -150,6 +157,8 @@ class Config:
             ("monitor_mode", self.monitor_mode in ("min", "max"), "min or max"),
             ("early_stop_patience", self.early_stop_patience >= 0, "at least 0 (0 is off)"),
             ("early_stop_min_delta", self.early_stop_min_delta >= 0, "at least 0"),
+            ("arch", (self.model.arch == "gpt") == (self.data.dataset == "shakespeare_char"),
+             f"{'gpt' if self.data.dataset == 'shakespeare_char' else 'cnn'} for dataset={self.data.dataset!r}"),
         ]
         for name in ("epochs", "eff_batch_size", "base_lr", "base_batch_size", "log_per_epoch", "checkpoint_frequency"):
             checks.append((name, getattr(self, name) > 0, "positive"))
@@ -158,7 +167,8 @@ class Config:
             checks.append((name, getattr(self, name) is None or getattr(self, name) > 0, "positive or unset"))
         for name, ok, expected in checks:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+                value = self.model.arch if name == "arch" else getattr(self, name)
+                raise ValueError(f"{name}={value!r} is invalid: expected {expected}")
 
 
 def _valid_devices(devices: int | str) -> bool:
@@ -184,15 +194,34 @@ def _as_flags(values: dict) -> list[str]:
     """Turns {field: value} into command-line flags, so that file values get the same parsing and checks."""
     flags = []
     for name, value in values.items():
-        if value is not None:
+        if isinstance(value, dict):  # data: and model: hold flags of their own
+            flags += _as_flags(value)
+        elif value is not None:
             flags += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
     return flags
 
 
+NESTED = {"data": DataConfig, "model": ModelConfig}
+
+
+def _all_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config) if f.name not in NESTED] + \
+        [f for group in NESTED.values() for f in dataclasses.fields(group)]
+
+
 def _check_keys(values: dict) -> dict:
+    """Refuses a key that is no setting, naming the group a nested setting belongs under."""
+    for name, value in values.items():
+        group = NESTED.get(name)
+        if group is not None and not isinstance(value, dict):
+            raise ValueError(f"{name!r} must be a mapping of its settings")
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(group)}) if group else []
+        if unknown:
+            raise ValueError(f"unknown key {unknown[0]!r} under {name!r}")
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(Config)})
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r}")
+        owner = [key for key, group in NESTED.items() if unknown[0] in {f.name for f in dataclasses.fields(group)}]
+        raise ValueError(f"unknown key {unknown[0]!r}" + (f" (it belongs under {owner[0]}:)" if owner else ""))
     return values
 
 
@@ -211,7 +240,7 @@ def read_yaml(path: Path) -> dict:
 
 def _bare_flag(argv: list[str]) -> str | None:
     """The first flag of a field that takes a value but was given none (simple_parsing would quietly use None)."""
-    takes_value = {f"--{f.name}" for f in dataclasses.fields(Config) if f.type is not bool} | {"--config_path"}
+    takes_value = {f"--{f.name}" for f in _all_fields() if f.type is not bool} | {"--config_path"}
     for i, flag in enumerate(argv):
         if flag in takes_value and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
             return flag
@@ -273,6 +302,21 @@ def load_config(argv: list[str] | None = None, description: str | None = None) -
     cfg = parse_config(argv, saved=saved, description=description)
     cfg.resume = os.environ[RESUME_CHOICE]
     return cfg
+
+
+def load_run_config(run_dir: Path, argv: list[str], description: str | None = None) -> tuple[Config, dict]:
+    """(settings, derived values) of an existing run, for a reader of it (test.py, sample.py): the run's own record
+    under any flags in `argv`."""
+    from utils.run_dir import run_record
+
+    if not (run_dir / "config.yaml").is_file():
+        fail(f"out_dir={str(run_dir)!r} is not a run folder (no config.yaml)")
+    try:
+        saved, derived = run_record(run_dir)
+        saved = _check_keys(saved)
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        fail(f"out_dir={str(run_dir)!r}: its record cannot be read ({str(err).splitlines()[0]})")
+    return parse_config(argv, saved=saved, description=description), derived
 
 
 def settings_record(cfg: Config) -> dict:

@@ -1,20 +1,136 @@
-"""The data: edit make_datasets to train on your own.
+"""The data: edit make_datasets to train on your own. Its settings (DataConfig) are flags like any other.
 
-Default: the 1,797 handwritten 8x8 digits that ship inside scikit-learn, so nothing is downloaded.
+Two datasets, nothing downloaded:
+- digits (default): the 1,797 handwritten 8x8 digits that ship inside scikit-learn; a sample is (image, label).
+- shakespeare_char: Tiny Shakespeare (shipped in assets/), one token per character; a sample is a window of
+  block_size characters and the same window shifted by one as targets. Training windows start anywhere in the
+  first 90%, as in nanoGPT; the last 10% is split in half (validation, test), each cut into consecutive windows
+  that score every character exactly once.
 """
 
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
 import torch
-from sklearn.datasets import load_digits
 from torch.utils.data import Dataset, TensorDataset
 
-NUM_CLASSES = 10
+DIGIT_CLASSES = 10
+SHAKESPEARE = Path(__file__).parent / "assets" / "tinyshakespeare.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+IGNORE_INDEX = -100  # a target that is not scored (the padded end of the last window of a split)
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["digits", "shakespeare_char"] = "digits"
+    """Dataset: digits (8x8 images, 10 classes) or shakespeare_char (characters of Tiny Shakespeare)."""
+
+
+class DataError(Exception):
+    """Data that cannot be used as configured: reported as one line."""
 
 
 def make_datasets(cfg) -> tuple[Dataset, Dataset, Dataset]:
-    """(train, val, test): fixed splits of 1,257 / 270 / 270 images, independent of cfg.seed."""
-    digits = load_digits()
+    """(train, val, test) for cfg.data.dataset; the splits do not depend on cfg.seed."""
+    if cfg.data.dataset == "shakespeare_char":
+        return char_datasets(SHAKESPEARE, cfg.model.block_size)
+    digits = _load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
     labels = torch.tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    splits = order[:1257], order[1257:1527], order[1527:]
+    splits = order[:1257], order[1257:1527], order[1527:]  # 1,257 / 270 / 270 images
     return tuple(TensorDataset(images[idx], labels[idx]) for idx in splits)
+
+
+def num_classes(cfg) -> int:
+    """What the model predicts among: 10 digits, or the characters of the text."""
+    return len(vocabulary(cfg)) if cfg.data.dataset == "shakespeare_char" else DIGIT_CLASSES
+
+
+def vocabulary(cfg) -> str | None:
+    """The characters of a text dataset in token order (token i is vocabulary[i]); None for digits."""
+    return "".join(sorted(set(_read_text(SHAKESPEARE)))) if cfg.data.dataset == "shakespeare_char" else None
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits  # imported only for digits: it is slow
+
+    return load_digits()
+
+
+def _read_text(path: Path) -> str:
+    """The shipped text, checked against its known sha256, so that a damaged copy cannot train silently."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path} cannot be read ({err.strerror})") from None
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != SHAKESPEARE_SHA256:
+        raise DataError(f"{path} has sha256 {digest[:12]}..., expected {SHAKESPEARE_SHA256[:12]}...: the file is "
+                        f"damaged or not Tiny Shakespeare (restore it with git checkout)")
+    return raw.decode("utf-8")
+
+
+def _tokens(path: Path) -> np.memmap:
+    """The text as uint16 tokens in a file beside it, encoded once and read through np.memmap, so that a corpus
+    larger than memory works the same way. Written to a temporary file and renamed: never read half-written."""
+    text = _read_text(path)
+    token_file = path.with_name(f"{path.stem}-{SHAKESPEARE_SHA256[:12]}.uint16")
+    if not token_file.is_file() or token_file.stat().st_size != 2 * len(text):
+        chars = sorted(set(text))
+        lookup = {char: i for i, char in enumerate(chars)}
+        tokens = np.array([lookup[char] for char in text], dtype=np.uint16)
+        tmp = token_file.with_name(f".{token_file.name}.{os.getpid()}.tmp")
+        tokens.tofile(tmp)
+        os.replace(tmp, token_file)
+    return np.memmap(token_file, dtype=np.uint16, mode="r")
+
+
+def char_datasets(path: Path, block_size: int) -> tuple[Dataset, Dataset, Dataset]:
+    tokens = _tokens(path)
+    train_end = int(0.9 * len(tokens))  # nanoGPT's split: the first 90% trains
+    val_end = train_end + (len(tokens) - train_end) // 2
+    if block_size >= train_end:
+        raise DataError(f"block_size={block_size} is invalid: expected fewer than the {train_end} characters of "
+                        f"the training split")
+    return RandomWindows(tokens, train_end, block_size), \
+        ScoredWindows(tokens, train_end, val_end, block_size), ScoredWindows(tokens, val_end, len(tokens), block_size)
+
+
+class RandomWindows(Dataset):
+    """Window i: tokens[i : i + block_size] and their next tokens, for every start that stays before `end`."""
+
+    def __init__(self, tokens: np.ndarray, end: int, block_size: int):
+        self.tokens, self.end, self.block_size = tokens, end, block_size
+
+    def __len__(self) -> int:
+        return self.end - self.block_size
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        chunk = torch.from_numpy(self.tokens[i : i + self.block_size + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class ScoredWindows(Dataset):
+    """Consecutive windows whose targets are the characters start .. end - 1, each exactly once. A window's inputs
+    are the characters before its targets (the first one may lie in the split before). The last window is padded:
+    padded targets are IGNORE_INDEX, and causal attention keeps the padding from the scored positions."""
+
+    def __init__(self, tokens: np.ndarray, start: int, end: int, block_size: int):
+        self.tokens, self.start, self.end, self.block_size = tokens, start, end, block_size
+
+    def __len__(self) -> int:
+        return -(-(self.end - self.start) // self.block_size)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first = self.start + i * self.block_size  # first target
+        length = min(self.block_size, self.end - first)
+        inputs = torch.zeros(self.block_size, dtype=torch.int64)
+        targets = torch.full((self.block_size,), IGNORE_INDEX, dtype=torch.int64)
+        inputs[:length] = torch.from_numpy(self.tokens[first - 1 : first - 1 + length].astype(np.int64))
+        targets[:length] = torch.from_numpy(self.tokens[first : first + length].astype(np.int64))
+        return inputs, targets

@@ -1,17 +1,114 @@
-"""The model: edit make_model to train your own. It must return logits."""
+"""The model: edit make_model to train your own. It returns logits: (batch, classes) or (batch, time, vocabulary).
 
+Two models, chosen by --arch: a small CNN for the digits (default), and a GPT for character-level text.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from data import NUM_CLASSES
+from data import num_classes
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["cnn", "gpt"] = "cnn"
+    """Model: cnn (for digits) or gpt (a decoder-only transformer, for text)."""
+    n_layer: int = 4
+    """GPT: transformer blocks."""
+    n_head: int = 4
+    """GPT: attention heads per block (must divide N_EMBD)."""
+    n_embd: int = 128
+    """GPT: width of the residual stream."""
+    block_size: int = 64
+    """GPT: context length in tokens (the length of a training window)."""
+    bias: bool = False
+    """GPT: biases in the linear layers and LayerNorms."""
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected positive")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is invalid: expected a multiple of n_head={self.n_head}")
 
 
 def make_model(cfg) -> nn.Module:
-    """A small CNN for 8x8 digits with dropout (cfg.dropout)."""
+    """The model that cfg.model.arch names, sized for cfg.data's dataset, with dropout cfg.dropout."""
+    if cfg.model.arch == "gpt":
+        return GPT(cfg.model, num_classes(cfg), cfg.dropout)
     return nn.Sequential(
         nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
         nn.MaxPool2d(2),  # 8x8 -> 4x4
         nn.Flatten(), nn.Dropout(cfg.dropout),
         nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Dropout(cfg.dropout),
-        nn.Linear(128, NUM_CLASSES),
+        nn.Linear(128, num_classes(cfg)),
     )
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention through F.scaled_dot_product_attention (fused kernels where there are)."""
+
+    def __init__(self, s: ModelConfig, dropout: float):
+        super().__init__()
+        self.n_head, self.dropout = s.n_head, dropout
+        self.qkv = nn.Linear(s.n_embd, 3 * s.n_embd, bias=s.bias)
+        self.out = nn.Linear(s.n_embd, s.n_embd, bias=s.bias)
+        self.out_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, time, width = x.shape
+        # (batch, time, 3 * width) -> 3 x (batch, heads, time, head width)
+        q, k, v = self.qkv(x).view(batch, time, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        return self.out_dropout(self.out(y.transpose(1, 2).reshape(batch, time, width)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attention(norm(x)), then x + MLP(norm(x)) with a 4x GELU MLP."""
+
+    def __init__(self, s: ModelConfig, dropout: float):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(s.n_embd, bias=s.bias)
+        self.attn = SelfAttention(s, dropout)
+        self.mlp_norm = nn.LayerNorm(s.n_embd, bias=s.bias)
+        self.mlp = nn.Sequential(nn.Linear(s.n_embd, 4 * s.n_embd, bias=s.bias), nn.GELU(),
+                                 nn.Linear(4 * s.n_embd, s.n_embd, bias=s.bias), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer with learned positions and the output layer tied to the token embedding."""
+
+    def __init__(self, s: ModelConfig, vocab_size: int, dropout: float):
+        super().__init__()
+        self.block_size = s.block_size
+        self.token_embedding = nn.Embedding(vocab_size, s.n_embd)
+        self.position_embedding = nn.Embedding(s.block_size, s.n_embd)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(s, dropout) for _ in range(s.n_layer))
+        self.final_norm = nn.LayerNorm(s.n_embd, bias=s.bias)
+        self.head = nn.Linear(s.n_embd, vocab_size, bias=False)
+        self.head.weight = self.token_embedding.weight  # tied: one matrix reads and writes tokens
+        # GPT-2's init: N(0, 0.02), with each residual branch's last layer scaled down by the depth
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(param)
+            elif param.dim() >= 2:
+                depth_scale = math.sqrt(2 * s.n_layer) if name.endswith(("attn.out.weight", "mlp.2.weight")) else 1
+                nn.init.normal_(param, mean=0.0, std=0.02 / depth_scale)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.final_norm(x))

@@ -15,20 +15,12 @@ from pathlib import Path
 
 from torch.utils.data import DataLoader
 
-from config import parse_config
+from config import load_run_config
 from model import make_model
 from train import evaluate, load_datasets, make_fabric, print0
-from utils.checkpoint import (
-    BEST,
-    CheckpointError,
-    model_mismatch,
-    open_checkpoint,
-    pick_checkpoint,
-    write_text_atomically,
-)
+from utils.checkpoint import CheckpointError, choose_checkpoint, model_mismatch, open_checkpoint, write_text_atomically
 from utils.exits import exit_run, fail
 from utils.launching import launch
-from utils.run_dir import run_record
 from utils.samplers import ShardSampler
 
 
@@ -41,13 +33,7 @@ def main() -> None:
                         help="best (checkpoints/best.ckpt), last (the newest that opens) or a file; "
                              "default: best if the run has one, else last.")
     args, rest = parser.parse_known_args()
-    if not (args.out_dir / "config.yaml").is_file():
-        fail(f"out_dir={str(args.out_dir)!r} is not a run folder (no config.yaml)")
-    try:
-        saved, derived = run_record(args.out_dir)
-    except (OSError, ValueError) as err:
-        fail(f"out_dir={str(args.out_dir)!r}: its record cannot be read ({str(err).splitlines()[0]})")
-    cfg = parse_config(rest, saved=saved, description=__doc__)
+    cfg, derived = load_run_config(args.out_dir, rest, description=__doc__)
 
     # -- setup, data, model --------------------------------------------------------------------------------------
     fabric = make_fabric(cfg)
@@ -60,17 +46,10 @@ def main() -> None:
     model = fabric.setup_module(make_model(cfg))
 
     # -- checkpoint: the one named, or the newest that opens; nothing in the run is moved or deleted (all ranks) ---
-    best = args.out_dir / "checkpoints" / BEST
-    if args.checkpoint == "best" and not best.exists():
-        fail(f"checkpoint='best': {args.out_dir} has no best checkpoint (it has not validated yet); use last")
-    use_best = args.checkpoint == "best" or (args.checkpoint is None and best.exists())
-    named = best if use_best else None if args.checkpoint in (None, "last") else Path(args.checkpoint)
     try:
-        checkpoint = pick_checkpoint(fabric, args.out_dir / "checkpoints", named, read_only=True)
+        checkpoint = choose_checkpoint(fabric, args.out_dir, args.checkpoint)
     except CheckpointError as err:
         fail(f"checkpoint={args.checkpoint!r}: {err}")
-    if checkpoint is None:
-        fail(f"out_dir={str(args.out_dir)!r} holds no checkpoint that opens")
     mismatch = model_mismatch(open_checkpoint(checkpoint)["model"], model.state_dict())
     if mismatch:
         fail(f"checkpoint {checkpoint} does not fit the model: {mismatch}")
@@ -78,8 +57,9 @@ def main() -> None:
 
     # -- evaluate (all ranks) and report (rank 0) ----------------------------------------------------------------
     metrics = {"checkpoint": str(checkpoint), **evaluate(fabric, model, loader)}
+    targets = f" ({metrics['targets']} targets)" if metrics["targets"] != metrics["samples"] else ""
     print0(f"test loss {metrics['loss']:.4f}, test acc {metrics['acc']:.4f} "
-           f"on {metrics['samples']} samples ({checkpoint})")
+           f"on {metrics['samples']} samples{targets} ({checkpoint})")
     if fabric.is_global_zero:
         write_text_atomically(args.out_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
 

@@ -7,6 +7,7 @@ Fabric places devices, starts processes and handles precision; everything else i
     python train.py --precision bf16-mixed --devices 4       # 4 GPUs, bf16 autocast
     python train.py --log_per_epoch 4 --logger_name tensorboard csv --checkpoint_frequency 5 --comment "note"
     python train.py --config_path my.yaml --epochs 20        # a YAML file, then flags on top
+    python train.py --config_path configs/shakespeare_char.yaml   # a character-level GPT (nanoGPT's CPU recipe)
     python train.py --resume runs/20261122-104500-train_out  # continue that run
     python train.py --resume auto                            # the newest unfinished run, else a new one
     torchrun --nproc_per_node 4 train.py --devices 4
@@ -26,12 +27,11 @@ from lightning.fabric import Fabric
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset
-from torchmetrics import MeanMetric, SumMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import SumMetric
 from tqdm import tqdm
 
 from config import Config, load_config, settings_record
-from data import NUM_CLASSES, make_datasets
+from data import IGNORE_INDEX, DataError, make_datasets
 from model import make_model
 from utils.batching import plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
@@ -59,18 +59,21 @@ print0 = rank_zero_only(print)  # all printing on global rank 0 (fabric.print pr
 
 @torch.no_grad()
 def evaluate(fabric: Fabric, model, loader) -> dict[str, float]:
-    """Mean loss and accuracy over every sample of `loader` once. All ranks: compute() syncs across processes."""
+    """Loss and accuracy over every scored target of `loader` once: per sample for (batch, classes) logits, per
+    token for (batch, time, vocabulary). All ranks: compute() syncs across processes."""
     model.eval()
-    loss = MeanMetric().to(fabric.device)
-    accuracy = MulticlassAccuracy(NUM_CLASSES, average="micro").to(fabric.device)
-    count = SumMetric().to(fabric.device)
+    loss_sum, correct, targets_seen, samples = (SumMetric().to(fabric.device) for _ in range(4))
     for inputs, targets in loader:
-        logits = model(inputs)
-        loss.update(F.cross_entropy(logits, targets), weight=len(targets))
-        accuracy.update(logits, targets)
-        count.update(len(targets))
+        logits, targets = model(inputs).flatten(0, -2), targets.flatten()
+        scored = targets != IGNORE_INDEX  # the padded end of a text split is not scored
+        loss_sum.update(F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"))
+        correct.update((logits.argmax(-1) == targets)[scored].sum())
+        targets_seen.update(scored.sum())
+        samples.update(len(inputs))
     model.train()
-    return {"loss": loss.compute().item(), "acc": accuracy.compute().item(), "samples": int(count.compute().item())}
+    count = targets_seen.compute().item()
+    return {"loss": loss_sum.compute().item() / count, "acc": correct.compute().item() / count,
+            "samples": int(samples.compute().item()), "targets": int(count)}
 
 
 def make_fabric(cfg: Config) -> Fabric:
@@ -85,7 +88,12 @@ def make_fabric(cfg: Config) -> Fabric:
 def load_datasets(fabric: Fabric, cfg: Config) -> tuple[Dataset, Dataset, Dataset]:
     """data.py's datasets, built by local rank 0 first so that downloads and caches do not race (all ranks)."""
     with fabric.rank_zero_first(local=True):
-        datasets = make_datasets(cfg)
+        try:
+            datasets, error = make_datasets(cfg), None
+        except DataError as err:  # every rank meets it: rank 0 leaves the barrier first
+            datasets, error = None, err
+    if error:
+        fail(str(error))
     for name, dataset in zip(("train", "val", "test"), datasets, strict=True):
         if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
             fail(f"make_datasets returned a {type(dataset).__name__} as the {name} set: datasets must be map-style "
@@ -222,7 +230,7 @@ def main(cfg: Config) -> None:
             # -- the training step: edit here ---------------------------------------------------------------------
             # no gradient all-reduce on micro-steps that do not step the optimizer
             with fabric.no_backward_sync(model, enabled=is_accumulating):
-                loss = F.cross_entropy(model(inputs), targets)
+                loss = F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten())  # (batch[, time], classes)
                 fabric.backward(loss / batches.accum_steps)
             step_loss += loss.detach() / batches.accum_steps
             if is_accumulating:
@@ -260,6 +268,8 @@ def main(cfg: Config) -> None:
                 metrics = {"train_loss": log_loss_sum / log_loss_steps, "lr": optimizer.param_groups[0]["lr"],
                            "grad_norm": grad_norm.item(),
                            "samples_per_sec": window_steps * cfg.eff_batch_size / (time.perf_counter() - window_start)}
+                if targets.dim() > 1:  # a sample is a sequence: count its tokens too
+                    metrics["tokens_per_sec"] = metrics["samples_per_sec"] * targets[0].numel()
                 progress.set_postfix(loss=f"{metrics['train_loss']:.4f}")
                 log_loss_sum, log_loss_steps, window_steps = 0.0, 0, 0
                 window_start = time.perf_counter()

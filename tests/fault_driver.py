@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.nn.modules.module import register_module_forward_hook
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import model  # noqa: E402
 import train  # noqa: E402
 import utils.resume  # noqa: E402
 import utils.samplers  # noqa: E402
@@ -47,8 +47,6 @@ def probe(line: str) -> None:
 
 def inject(module, inputs, output):
     global forwards
-    if not isinstance(module, torch.nn.Sequential):
-        return None
     probe(f"{'train' if module.training else 'eval'} {len(inputs[0])}")
     if not module.training:
         time.sleep(float(os.environ.get("EVAL_SECONDS", 0)))
@@ -97,8 +95,14 @@ class Stream(torch.utils.data.IterableDataset):
 
 if os.environ.get("BREAK"):
     break_resume(os.environ["BREAK"])
-register_module_forward_hook(inject)
+def probed_model(cfg):
+    module = make_model(cfg)
+    module.register_forward_hook(inject)  # the whole model's forward, not its parts'
+    return module
+
+
 make_datasets, train.make_datasets = train.make_datasets, probed_datasets
+make_model, train.make_model, model.make_model = train.make_model, probed_model, probed_model
 if os.environ.get("SCRIPT") == "test":  # not runpy: it would point sys.argv[0] at the script
     spec = importlib.util.spec_from_file_location("test_script", REPO / "test.py")
     test_script = importlib.util.module_from_spec(spec)

@@ -34,7 +34,9 @@ def test_resume_in_a_users_yaml_is_kept_but_a_runs_record_never_resumes(tmp_path
 def test_help_lists_every_field_with_its_help():
     out = " ".join(run_script("train.py", "--help").stdout.split())
     for field in dataclasses.fields(Config):
-        assert f"--{field.name}" in out
+        for inner in dataclasses.fields(field.type) if dataclasses.is_dataclass(field.type) else [field]:
+            assert f"--{inner.name}" in out  # the data and model settings keep short flags
+    assert "ModelConfig" in out and "GPT: transformer blocks" in out
     assert "Samples per optimizer step, summed over all devices and nodes" in out
     assert "torchrun" in out  # the launch commands of the module docstring
 
@@ -81,6 +83,14 @@ BAD_FLAGS = [
     (["--val_every_n_steps", "0"], "val_every_n_steps=0"),
     (["--checkpoint_every_n_steps", "0"], "checkpoint_every_n_steps=0"),
     (["--log_every_n_steps", "0"], "log_every_n_steps=0"),
+    (["--arch", "gpt"], "arch='gpt' is invalid: expected cnn for dataset='digits'"),
+    (["--dataset", "shakespeare_char"], "arch='cnn' is invalid: expected gpt for dataset='shakespeare_char'"),
+    (["--arch", "gpt", "--dataset", "shakespeare_char", "--n_embd", "100", "--n_head", "3"],
+     "n_embd=100 is invalid: expected a multiple of n_head=3"),
+    (["--n_layer", "0"], "n_layer=0"),
+    (["--block_size", "-4"], "block_size=-4"),
+    (["--dataset", "imagenet"], "'imagenet'"),
+    (["--n_layer"], "--n_layer needs a value"),
 ]
 
 
@@ -102,6 +112,10 @@ BAD_FILES = [
     ("logger_name: [csv, mlflow]\n", "'mlflow'"),  # choices are checked for file values too
     ("- just\n- a list\n", "mapping"),
     ("epochs: [unclosed\n", "cannot be read"),
+    ("n_layer: 2\n", "unknown key 'n_layer' (it belongs under model:)"),
+    ("model:\n  n_layers: 2\n", "unknown key 'n_layers' under 'model'"),
+    ("model: gpt\n", "'model' must be a mapping"),
+    ("data:\n  dataset: imagenet\n", "'imagenet'"),
 ]
 
 

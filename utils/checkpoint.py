@@ -175,6 +175,20 @@ def pick_checkpoint(fabric: Fabric, ckpt_dir: Path, named: Path | None, read_onl
     return fabric.broadcast(picked)
 
 
+def choose_checkpoint(fabric: Fabric, run_dir: Path, choice: str | None) -> Path:
+    """All ranks, reading only: the checkpoint a reader of a run (test.py, sample.py) asked for: 'best', 'last' (the
+    newest that opens), a path, or None (best if the run has one, else last). CheckpointError if there is none."""
+    best = run_dir / "checkpoints" / BEST
+    if choice == "best" and not best.exists():
+        raise CheckpointError(f"{run_dir} has no best checkpoint (it has not validated yet); use last")
+    use_best = choice == "best" or (choice is None and best.exists())
+    named = best if use_best else None if choice in (None, "last") else Path(choice)
+    checkpoint = pick_checkpoint(fabric, run_dir / "checkpoints", named, read_only=True)
+    if checkpoint is None:
+        raise CheckpointError(f"{run_dir} holds no checkpoint that opens")
+    return checkpoint
+
+
 def model_mismatch(saved: dict, model_state: dict) -> str | None:
     """The first difference between a checkpoint's model state_dict and the model's, in words; None if it fits."""
     missing = [key for key in model_state if key not in saved]
