@@ -142,9 +142,8 @@ def test_early_stopping_stops_every_rank_and_counts_across_a_resume(tmp_path):
 # -- fine-tuning from weights ----------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_init_from_a_checkpoint_or_a_state_dict(tmp_path):
-    train(tmp_path / "source", "--epochs", "1")
-    source = checkpoints(only_run(tmp_path / "source"))[-1]
+def test_init_from_a_checkpoint_or_a_state_dict(step_run, tmp_path):
+    source = checkpoints(step_run)[-1]
     weights = load(source)["model"]
     plain = tmp_path / "weights.pt"
     torch.save({k: v for k, v in weights.items() if k != "7.bias"}, plain)  # a plain state_dict, one key short
