@@ -1,7 +1,10 @@
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,20 +17,40 @@ sys.path.insert(0, str(REPO))
 FAST = ["--accelerator", "cpu", "--epochs", "2", "--logger_name", "csv", "tensorboard"]
 
 
+class Zygote:
+    """tests/zygote.py: forks each script run from a process that has imported torch and lightning already."""
+
+    def __init__(self):
+        self.proc = None
+
+    def run(self, command: list[str], cwd, env: dict, timeout: float, tmp: Path) -> tuple[int, str, str]:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, "-u", str(REPO / "tests" / "zygote.py")], cwd=REPO,
+                                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        out, err = tmp / "stdout", tmp / "stderr"
+        request = {"argv": command[1:], "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        pid = json.loads(self.proc.stdout.readline())["pid"]
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            os.killpg(pid, signal.SIGKILL)  # the script and every rank it started
+            self.proc.stdout.readline()
+            raise subprocess.TimeoutExpired(command, timeout)
+        returncode = json.loads(self.proc.stdout.readline())["returncode"]
+        return returncode, out.read_text(), err.read_text()
+
+
+ZYGOTE = Zygote()
+
+
 def run_script(script: str, *args, cwd=None, env=None, timeout=300, check_rc: int | None = 0):
-    """Runs a repo script (train.py, test.py, ...) in a fresh Python process and returns the CompletedProcess."""
+    """Runs a repo script (train.py, test.py, ...) in a fresh process and returns the CompletedProcess. The process
+    is forked from tests/zygote.py, which has imported torch and lightning once for the whole suite."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
     command = [sys.executable, str(REPO / script), *map(str, args)]
-    # a session of its own, so that a timeout kills every rank the script started, not only the first
-    proc = subprocess.Popen(command, cwd=cwd or REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    result = subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+    with tempfile.TemporaryDirectory() as tmp:
+        returncode, stdout, stderr = ZYGOTE.run(command, cwd or REPO, full_env, timeout, Path(tmp))
+    result = subprocess.CompletedProcess(command, returncode, stdout, stderr)
     if check_rc is not None:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
         assert result.returncode == check_rc, f"rc={result.returncode}\n{output}"
