@@ -90,6 +90,9 @@ class Config:
     """Dropout probability of the model."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    compile_check: bool = True
+    """With COMPILE: first compare the compiled model's loss and gradients with eager mode's on one batch, and stop
+    if they differ (a compiler bug)."""
     init_from: str | None = None
     """Start a new run from these model weights: a checkpoint of this template or a plain state_dict file."""
     num_workers: int = 0

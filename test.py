@@ -1,4 +1,4 @@
-"""Evaluate a run on the test split: prints loss and accuracy, writes RUN/test_metrics.json.
+"""Evaluate a run on the test split: prints loss and accuracy, writes RUN/test_metrics.json and RUN/report.png.
 
     python test.py --out_dir runs/20261122-104500-train_out
     python test.py --out_dir RUN --checkpoint last                # default: best (checkpoints/best.ckpt) if any
@@ -17,10 +17,12 @@ from torch.utils.data import DataLoader
 
 from config import load_run_config
 from model import make_model
-from train import evaluate, load_datasets, make_fabric, print0
+from train import evaluate, load_datasets, make_fabric
 from utils.checkpoint import CheckpointError, choose_checkpoint, model_mismatch, open_checkpoint, write_text_atomically
+from utils.console import print0
 from utils.exits import exit_run, fail
 from utils.launching import launch
+from utils.report import write_report
 from utils.samplers import ShardSampler
 
 
@@ -56,12 +58,17 @@ def main() -> None:
     fabric.load(checkpoint, {"model": model})
 
     # -- evaluate (all ranks) and report (rank 0) ----------------------------------------------------------------
-    metrics = {"checkpoint": str(checkpoint), **evaluate(fabric, model, loader)}
+    metrics = {"checkpoint": str(checkpoint), **evaluate(fabric, model, loader, confusion=True)}
+    confusion = metrics.pop("confusion", None)  # classification runs only
     targets = f" ({metrics['targets']} targets)" if metrics["targets"] != metrics["samples"] else ""
     print0(f"test loss {metrics['loss']:.4f}, test acc {metrics['acc']:.4f} "
            f"on {metrics['samples']} samples{targets} ({checkpoint})")
     if fabric.is_global_zero:
         write_text_atomically(args.out_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
+        if (args.out_dir / "logs" / "csv" / "metrics.csv").is_file():
+            print0(f"report: {write_report(args.out_dir, derived['steps_per_epoch'], metrics, confusion)}")
+        else:
+            print0(f"no report: {args.out_dir} has no csv log (it trained without the csv logger)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Train a model with an explicit loop on lightning.fabric. Read it top to bottom; edit it freely.
+r"""Train a model with an explicit loop on lightning.fabric. Read it top to bottom; edit it freely.
 
 Fabric places devices, starts processes and handles precision; everything else is in this file.
 
@@ -25,10 +25,8 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 from torchmetrics import SumMetric
-from tqdm import tqdm
 
 from config import Config, load_config, settings_record
 from data import IGNORE_INDEX, DataError, make_datasets
@@ -44,27 +42,35 @@ from utils.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from utils.compile_check import check_compiled_model
+from utils.console import print0, progress_bar
 from utils.exits import exit_run, fail
 from utils.launching import launch
 from utils.loggers import close_loggers, log_hyperparams, make_loggers
 from utils.lr_schedule import lr_at
-from utils.preemption import EXIT_PREEMPTED, StopRequest
+from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
+from utils.provenance import record_provenance
 from utils.resume import resume_state
 from utils.rng import gather_rng
 from utils.run_dir import claim_run_dir, record_resume, record_start
 from utils.samplers import ResumableShuffleSampler, ShardSampler
 
-print0 = rank_zero_only(print)  # all printing on global rank 0 (fabric.print prints once per node)
-
 
 @torch.no_grad()
-def evaluate(fabric: Fabric, model, loader) -> dict[str, float]:
+def evaluate(fabric: Fabric, model, loader, confusion: bool = False) -> dict:
     """Loss and accuracy over every scored target of `loader` once: per sample for (batch, classes) logits, per
-    token for (batch, time, vocabulary). All ranks: compute() syncs across processes."""
+    token for (batch, time, vocabulary); with `confusion`, also the confusion matrix of (batch, classes) logits.
+    All ranks: compute() and all_reduce sync across processes."""
     model.eval()
     loss_sum, correct, targets_seen, samples = (SumMetric().to(fabric.device) for _ in range(4))
+    matrix = None
     for inputs, targets in loader:
-        logits, targets = model(inputs).flatten(0, -2), targets.flatten()
+        logits = model(inputs)
+        if confusion and logits.dim() == 2:  # rows: true class, columns: predicted
+            classes = logits.shape[1]
+            counts = torch.bincount(targets * classes + logits.argmax(-1), minlength=classes * classes)
+            matrix = counts.view(classes, classes) + (0 if matrix is None else matrix)
+        logits, targets = logits.flatten(0, -2), targets.flatten()
         scored = targets != IGNORE_INDEX  # the padded end of a text split is not scored
         loss_sum.update(F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"))
         correct.update((logits.argmax(-1) == targets)[scored].sum())
@@ -72,8 +78,16 @@ def evaluate(fabric: Fabric, model, loader) -> dict[str, float]:
         samples.update(len(inputs))
     model.train()
     count = targets_seen.compute().item()
-    return {"loss": loss_sum.compute().item() / count, "acc": correct.compute().item() / count,
-            "samples": int(samples.compute().item()), "targets": int(count)}
+    result = {"loss": loss_sum.compute().item() / count, "acc": correct.compute().item() / count,
+              "samples": int(samples.compute().item()), "targets": int(count)}
+    if matrix is not None:
+        result["confusion"] = fabric.all_reduce(matrix, reduce_op="sum").tolist()
+    return result
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy for logits of (batch, classes) or (batch, time, vocabulary)."""
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
 
 
 def make_fabric(cfg: Config) -> Fabric:
@@ -99,6 +113,39 @@ def load_datasets(fabric: Fabric, cfg: Config) -> tuple[Dataset, Dataset, Datase
             fail(f"make_datasets returned a {type(dataset).__name__} as the {name} set: datasets must be map-style "
                  f"(with __len__ and __getitem__), so that every rank and every resume sees known samples")
     return datasets
+
+
+def make_loaders(fabric: Fabric, cfg: Config, train_set: Dataset, val_set: Dataset, sampler: ResumableShuffleSampler,
+                 micro_batch: int) -> tuple[DataLoader, DataLoader]:
+    """The training loader (this rank's share of each step, from `sampler`) and the validation loader."""
+    # the loader's own generator keeps iterator creation from drawing on the global RNG (exact resume)
+    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=cfg.num_workers,
+                              generator=torch.Generator().manual_seed(cfg.seed))
+    # validation forwards at most the training micro-batch: a run sized to fit memory in training fits here too
+    val_loader = DataLoader(val_set, batch_size=micro_batch, num_workers=cfg.num_workers,
+                            sampler=ShardSampler(len(val_set), fabric.world_size, fabric.global_rank))
+    return fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
+
+
+def setup_model(fabric: Fabric, cfg: Config, lr: float, train_set: Dataset, micro_batch: int):
+    """The model (with init_from's weights in a new run), compiled and checked if asked, and its optimizer, both set
+    up by Fabric. Returns them and the optimizer's group sizes."""
+    model = make_model(cfg)
+    if cfg.init_from and cfg.resume is None:  # a resumed run continues from its own checkpoint instead
+        try:
+            print0(load_model_weights(model, cfg.init_from))
+        except CheckpointError as err:
+            fail(f"init_from={cfg.init_from!r}{err}")
+    eager_model = model
+    if cfg.compile:
+        torch._inductor.config.fallback_random = True  # dropout draws from torch's generator: checked and resumed alike
+        model = torch.compile(model)
+    optimizer, param_groups = make_optimizer(fabric, model, cfg, lr)
+    model, optimizer = fabric.setup(model, optimizer)
+    if cfg.compile and cfg.compile_check:  # a compiler bug must not train silently (all ranks)
+        first_batch = fabric.to_device(default_collate([train_set[i] for i in range(micro_batch)]))
+        check_compiled_model(fabric, eager_model, model, first_batch, loss_fn, cfg.seed, cfg.precision)
+    return model, optimizer, param_groups
 
 
 def make_optimizer(fabric: Fabric, model: torch.nn.Module, cfg: Config, lr: float):
@@ -133,9 +180,9 @@ def main(cfg: Config) -> None:
     lr = scaled_lr(cfg.base_lr, cfg.eff_batch_size, cfg.base_batch_size, cfg.lr_scaling_rule)
     launch(fabric)
     cfg = fabric.broadcast(cfg)  # all ranks: rank 0's settings, and the run its --resume chose
-    stop = StopRequest()  # SIGTERM / SIGUSR1 only set a flag; the loop saves and exits at a step boundary
+    stop = StopRequest()  # SIGTERM, SIGUSR1, Ctrl-C only set a flag; the loop saves and exits at a step boundary
     # each rank draws its own dropout masks; DDP copies rank 0's initial weights to every rank
-    fabric.seed_everything(cfg.seed + fabric.global_rank)
+    fabric.seed_everything(cfg.seed + fabric.global_rank, verbose=False)
 
     # -- data: every optimizer step sees the same eff_batch_size samples on any number of devices -------------
     train_set, val_set, _ = load_datasets(fabric, cfg)
@@ -147,25 +194,10 @@ def main(cfg: Config) -> None:
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch  # max_steps alone ends the run when set
     if cfg.warmup_steps >= total_steps:
         fail(f"warmup_steps={cfg.warmup_steps} is invalid: expected fewer than the run's {total_steps} steps")
-    # the loader's own generator keeps iterator creation from drawing on the global RNG (exact resume)
-    train_loader = DataLoader(train_set, batch_size=batches.micro, sampler=sampler, num_workers=cfg.num_workers,
-                              generator=torch.Generator().manual_seed(cfg.seed))
-    # validation forwards at most the training micro-batch: a run sized to fit memory in training fits here too
-    val_loader = DataLoader(val_set, batch_size=batches.micro, num_workers=cfg.num_workers,
-                            sampler=ShardSampler(len(val_set), fabric.world_size, fabric.global_rank))
-    train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
+    train_loader, val_loader = make_loaders(fabric, cfg, train_set, val_set, sampler, batches.micro)
 
-    # -- model and optimizer -----------------------------------------------------------------------------------
-    model = make_model(cfg)
-    if cfg.init_from and cfg.resume is None:  # a resumed run continues from its own checkpoint instead
-        try:
-            print0(load_model_weights(model, cfg.init_from))
-        except CheckpointError as err:
-            fail(f"init_from={cfg.init_from!r}{err}")
-    if cfg.compile:
-        model = torch.compile(model)
-    optimizer, param_groups = make_optimizer(fabric, model, cfg, lr)
-    model, optimizer = fabric.setup(model, optimizer)
+    # -- model and optimizer ---------------------------------------------------------------------------------------
+    model, optimizer, param_groups = setup_model(fabric, cfg, lr, train_set, batches.micro)
 
     # -- run folder: a new one, or the resumed run's; locked by rank 0 before anything in it is touched ----------
     run_dir, resume_file = claim_run_dir(fabric, cfg)  # all ranks
@@ -194,15 +226,17 @@ def main(cfg: Config) -> None:
     if abandoned:
         print0(f"resuming from an earlier checkpoint starts a branch: the newer checkpoints were moved to {abandoned}")
 
-    # -- the run's record (rank 0): config.yaml at the first start, what each resume changed in resumes.yaml -----
+    # -- the run's record (rank 0): config.yaml at the first start, what each resume changed in resumes.yaml -------
     derived = {"world_size": fabric.world_size, "per_device_batch_size": batches.per_device,
                "accum_steps": batches.accum_steps, "micro_batch_size": batches.micro, "lr": lr,
                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "param_groups": param_groups}
     settings = settings_record(cfg)
-    if fabric.is_global_zero and resumed:
-        record_resume(run_dir, settings, derived, start_step, resumed_from, abandoned)
-    elif fabric.is_global_zero:
-        record_start(run_dir, settings, derived)
+    if fabric.is_global_zero:  # and the code that runs: provenance.yaml, a copy in code/ (see utils/provenance.py)
+        code_copy = record_provenance(run_dir, fabric.world_size, cfg.num_nodes, fabric.device)
+        if resumed:
+            record_resume(run_dir, settings, derived, start_step, resumed_from, abandoned, code_copy)
+        else:
+            record_start(run_dir, settings, derived)
     # loggers live on rank 0 only (fabric.log_dict is a no-op elsewhere); they need the run folder
     loggers = make_loggers(cfg.logger_name, run_dir, start_step, cfg.wandb_project) if fabric.is_global_zero else []
     fabric._loggers = loggers
@@ -220,7 +254,7 @@ def main(cfg: Config) -> None:
     best_value, bad_validations = state["best_value"], state["bad_validations"]  # best.ckpt and early stopping
     window_start, window_steps = time.perf_counter(), 0  # throughput: training time of this process only
     stop_early = False
-    progress = tqdm(total=total_steps, initial=start_step, disable=not fabric.is_global_zero, dynamic_ncols=True)
+    progress = progress_bar(total_steps, start_step, enabled=fabric.is_global_zero)
     for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
         sampler.set_position(epoch, global_step - epoch * steps_per_epoch)  # skips steps a resumed epoch has seen
         step_loss = torch.zeros((), device=fabric.device)
@@ -230,14 +264,14 @@ def main(cfg: Config) -> None:
             # -- the training step: edit here ---------------------------------------------------------------------
             # no gradient all-reduce on micro-steps that do not step the optimizer
             with fabric.no_backward_sync(model, enabled=is_accumulating):
-                loss = F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten())  # (batch[, time], classes)
+                loss = loss_fn(model(inputs), targets)
                 fabric.backward(loss / batches.accum_steps)
             step_loss += loss.detach() / batches.accum_steps
             if is_accumulating:
                 continue
             # all ranks: one reduce per step (the only host sync) finds a bad loss or a stop request on any rank
-            flags = torch.stack([step_loss.float(), step_loss.new_tensor(stop.requested, dtype=torch.float32)])
-            loss_sum, stop_votes = fabric.all_reduce(flags, reduce_op="sum").tolist()
+            flags = torch.stack([step_loss.float(), *step_loss.new_tensor([stop.requested, stop.interrupted])])
+            loss_sum, stop_votes, interrupt_votes = fabric.all_reduce(flags, reduce_op="sum").tolist()
             if not math.isfinite(loss_sum):
                 fail(f"loss is {loss_sum} at step {global_step + 1}; stopped before the optimizer step, "
                      f"no checkpoint written", status=1, loggers=fabric.loggers)
@@ -270,7 +304,7 @@ def main(cfg: Config) -> None:
                            "samples_per_sec": window_steps * cfg.eff_batch_size / (time.perf_counter() - window_start)}
                 if targets.dim() > 1:  # a sample is a sequence: count its tokens too
                     metrics["tokens_per_sec"] = metrics["samples_per_sec"] * targets[0].numel()
-                progress.set_postfix(loss=f"{metrics['train_loss']:.4f}")
+                progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", refresh=False)  # drawn at the bar's pace
                 log_loss_sum, log_loss_steps, window_steps = 0.0, 0, 0
                 window_start = time.perf_counter()
             paused = time.perf_counter()  # validation and checkpoints do not count as training time
@@ -316,9 +350,11 @@ def main(cfg: Config) -> None:
                 if due and fabric.is_global_zero:
                     prune_checkpoints(ckpt_dir, cfg.num_checkpoint_keep, protect=resumed_from)
             if stop_votes:
-                print0(f"stop requested: saved {path} at step {global_step}; rerun with --resume auto",
+                progress.close()  # the bar ends its line before the last message
+                how = "interrupted (Ctrl-C)" if interrupt_votes else "stop requested"
+                print0(f"{how}: saved {path} at step {global_step}; continue with: python train.py --resume {run_dir}",
                        file=sys.stderr)
-                exit_run(EXIT_PREEMPTED, fabric.loggers)
+                exit_run(EXIT_INTERRUPTED if interrupt_votes else EXIT_PREEMPTED, fabric.loggers)
             if stop_early:
                 print0(f"early stop at step {global_step}: {cfg.monitor} gained no more than "
                        f"{cfg.early_stop_min_delta} in {cfg.early_stop_patience} validation(s) in a row "

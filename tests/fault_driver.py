@@ -11,6 +11,9 @@ Environment (all optional):
   EVAL_SECONDS=s       every forward in eval mode sleeps this long (a slow validation)
   ITERABLE_DATA=1      make_datasets returns IterableDatasets
   SCRIPT=test          run test.py instead of train.py
+  PLAIN_PRINT=1        train.py prints with plain print() (a control for the console test)
+  COMPILE_BACKEND=b    torch.compile uses backend b: aot_eager (right), or half_gradients (a deliberately wrong
+                       compiler: right forward, every gradient halved), on the ranks in FAULT_RANKS (default: all)
 
 Fabric's launcher re-runs sys.argv (this file) for every extra rank, so each rank injects its own fault.
 """
@@ -23,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,6 +66,35 @@ def inject(module, inputs, output):
     return None
 
 
+def half_gradients(graph, example_inputs):
+    """A wrong compiler backend: the forward as traced, every gradient of the backward halved."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def backward(backward_graph, _):
+        def run(args):
+            return [g * 0.5 if isinstance(g, torch.Tensor) else g for g in backward_graph(*args)]
+
+        run._boxed_call = True
+        return run
+
+    return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward), bw_compiler=backward)(graph,
+                                                                                                   example_inputs)
+
+
+def compile_with(backend: str):
+    compile_ = torch.compile
+
+    def compiled(model, **kwargs):
+        ranks = os.environ.get("FAULT_RANKS")
+        chosen = half_gradients if backend == "half_gradients" else backend
+        if ranks and str(rank()) not in ranks.split(","):
+            chosen = "aot_eager"
+        return compile_(model, **{**kwargs, "backend": chosen})  # Fabric compiles again with the same arguments
+
+    torch.compile = compiled
+
+
 def break_resume(part: str) -> None:
     sampler = utils.samplers.ResumableShuffleSampler
     original = sampler.set_position
@@ -93,6 +126,10 @@ class Stream(torch.utils.data.IterableDataset):
         return iter(self.dataset)
 
 
+if os.environ.get("COMPILE_BACKEND"):
+    compile_with(os.environ["COMPILE_BACKEND"])
+if os.environ.get("PLAIN_PRINT"):
+    train.print0 = rank_zero_only(print)
 if os.environ.get("BREAK"):
     break_resume(os.environ["BREAK"])
 def probed_model(cfg):

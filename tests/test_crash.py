@@ -218,7 +218,7 @@ def test_sigterm_saves_and_resume_auto_continues_exactly(tmp_path):
     assert proc.returncode == 143, output
     run = only_run(tmp_path / "runs")
     stopped_at = load(checkpoints(run)[-1])["global_step"]
-    assert 19 <= stopped_at < 57 and f"step {stopped_at}; rerun with --resume auto" in output
+    assert 19 <= stopped_at < 57 and f"step {stopped_at}; continue with: python train.py --resume {run}" in output
     assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
     run_script("train.py", "--root_dir", tmp_path / "reference", *ARGS, "--epochs", "3", "--devices", "2")
     final, reference = load(checkpoints(run)[-1]), load(checkpoints(only_run(tmp_path / "reference"))[-1])

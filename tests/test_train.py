@@ -34,7 +34,8 @@ def test_run_folder_config_logs_and_checkpoints(root):
     train(root, "--epochs", "3", "--log_per_epoch", "4", "--comment", "short note", "--micro_batch_size", "16",
           "--num_checkpoint_keep", "2", "--warmup_steps", "5")
     run = only_run(root)
-    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "config.yaml", "logs"]
+    names = sorted(p.name for p in run.iterdir() if p.name != "code.diff")  # code.diff: when the tree is dirty
+    assert names == [".lock", "checkpoints", "code", "config.yaml", "logs", "provenance.yaml"]
 
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert list(saved)[:3] == ["accelerator", "devices", "num_nodes"]  # field order, not sorted

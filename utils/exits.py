@@ -8,6 +8,7 @@ from typing import NoReturn
 
 import torch.distributed
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from tqdm import tqdm
 
 from utils.loggers import close_loggers
 from utils.preemption import EXIT_PREEMPTED
@@ -30,5 +31,5 @@ def exit_run(status: int, loggers=()) -> NoReturn:
 def fail(message: str, status: int = 2, loggers=()) -> NoReturn:
     """Bad input (status 2) or a run that cannot go on: one line naming what is wrong, then exit."""
     if rank_zero_only.rank == 0:  # after launch every rank fails alike; one of them says so
-        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        tqdm.write(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)  # below an open progress bar
     exit_run(status, loggers)

@@ -3,14 +3,12 @@
 from pathlib import Path
 
 from lightning.fabric import Fabric
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from utils.batching import BatchPlan
 from utils.checkpoint import CheckpointError, model_mismatch, open_checkpoint, pick_checkpoint
+from utils.console import print0
 from utils.exits import fail
 from utils.rng import restore_rng
-
-print0 = rank_zero_only(print)
 
 
 def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state: dict,

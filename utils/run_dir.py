@@ -175,9 +175,10 @@ def run_record(run_dir: Path) -> tuple[dict, dict]:
 
 
 def record_resume(run_dir: Path, settings: dict, derived: dict, at_step: int, checkpoint: Path | None,
-                  abandoned: Path | None) -> None:
-    """Appends one resume's entry to resumes.yaml: when, from which checkpoint, and which settings and derived values
-    differ from those in force before. config.yaml and earlier entries stay as they were."""
+                  abandoned: Path | None, code_copy: str | None) -> None:
+    """Appends one resume's entry to resumes.yaml: when, from which checkpoint, which settings and derived values
+    differ from those in force before, and the copy of the code if it changed. config.yaml and earlier entries stay
+    as they were."""
     before, derived_before = run_record(run_dir)
     entry = {"time": f"{datetime.now():%Y-%m-%d %H:%M:%S}", "at_step": at_step,
              "from_checkpoint": checkpoint.name if checkpoint else None,
@@ -185,6 +186,8 @@ def record_resume(run_dir: Path, settings: dict, derived: dict, at_step: int, ch
              "derived_changed": {k: v for k, v in derived.items() if derived_before.get(k) != v}}
     if abandoned:
         entry["abandoned"] = str(abandoned.relative_to(run_dir))
+    if code_copy:
+        entry["code"] = f"{code_copy} (the code differs from the run's earlier copy)"
     path = run_dir / RESUMES
     entries = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
     write_text_atomically(path, yaml.safe_dump([*entries, entry], sort_keys=False))

@@ -1,0 +1,40 @@
+"""The guard against miscompiled gradients: --compile is compared once with eager mode before training, and a
+compiler that gets the gradients wrong stops the run with one line, exit 2, and nothing written."""
+
+import pytest
+import torch
+from conftest import assert_one_error_line, only_run, run_script
+
+pytestmark = pytest.mark.slow
+ARGS = ["--accelerator", "cpu", "--logger_name", "csv", "--compile", "--max_steps", "2"]
+
+
+def driver(root, *args, backend: str, ranks: str | None = None, check_rc=0):
+    env = {"COMPILE_BACKEND": backend, **({"FAULT_RANKS": ranks} if ranks else {})}
+    return run_script("tests/fault_driver.py", "--root_dir", root, *ARGS, *args, env=env, check_rc=check_rc)
+
+
+@pytest.mark.skipif(not torch.__version__.startswith("2.13.0"), reason="the inductor bug was seen in torch 2.13.0")
+def test_the_real_inductor_bug_on_the_default_cnn_is_caught(tmp_path):
+    """torch 2.13.0's inductor zeroes a convolution's gradient of the default CNN on CPU, with a right forward."""
+    result = run_script("train.py", "--root_dir", tmp_path, *ARGS, check_rc=2)
+    assert_one_error_line(result, "compile=True: the compiled model's gradient of", "differs from eager mode's by 1 ",
+                          "--compile false", "--compile_check false")
+    assert list(tmp_path.iterdir()) == []  # no run folder, no checkpoint
+
+
+def test_a_wrong_compiler_is_caught_and_every_rank_stops(tmp_path):
+    """A backend that halves every gradient, on rank 1 only: both ranks reach the same verdict and exit 2."""
+    result = driver(tmp_path, "--devices", "2", backend="half_gradients", ranks="1", check_rc=2)
+    assert_one_error_line(result, "gradient of 0.weight differs from eager mode's by 0.5")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_right_compiler_passes_with_dropout_and_trains(tmp_path):
+    """aot_eager compiles the same arithmetic: the check passes (dropout is on: both draw the same masks) and the
+    run trains. --compile_check false skips the check even for a wrong compiler."""
+    result = driver(tmp_path / "right", "--dropout", "0.3", backend="aot_eager")
+    assert "compile check passed" in result.stdout
+    assert only_run(tmp_path / "right").joinpath("checkpoints").is_dir()
+    result = driver(tmp_path / "skipped", "--compile_check", "false", backend="half_gradients")
+    assert "compile check" not in result.stdout

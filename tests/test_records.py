@@ -1,0 +1,115 @@
+"""The record of every run: a copy of the code, provenance.yaml with versions and git state, the uncommitted diff;
+and the report picture test.py draws."""
+
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import REPO, only_run, run_script
+
+from utils.report import read_series
+
+ARGS = ["--accelerator", "cpu", "--logger_name", "csv", "--max_steps", "3"]
+
+
+def project_copy(tmp_path, git: bool):
+    """The project's files in a new folder, as a fresh git repository with one commit (or no git at all)."""
+    repo = tmp_path / "project"
+    shutil.copytree(REPO, repo, ignore=shutil.ignore_patterns(".*", "runs", "__pycache__", "*.uint16", "docs"))
+    if git:
+        for command in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm",
+                                                        "start"]):
+            subprocess.run(["git", *command], cwd=repo, check=True)
+    return repo
+
+
+def train_in(repo, root, *args, check=True):
+    result = subprocess.run([sys.executable, repo / "train.py", "--root_dir", root, *ARGS, *args], cwd=repo,
+                            capture_output=True, text=True, timeout=120)
+    assert not check or result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def entries(run) -> list[dict]:
+    return yaml.safe_load((run / "provenance.yaml").read_text())
+
+
+@pytest.mark.slow
+def test_code_copy_provenance_and_diff_in_a_dirty_git_checkout(tmp_path):
+    repo = project_copy(tmp_path, git=True)
+    (repo / "train.py").write_text((repo / "train.py").read_text() + "# edit one\n")  # dirty
+    (repo / "notes.py").write_text("# a new file git does not ignore\n")
+    train_in(repo, tmp_path / "runs", "--max_steps", "2")
+    run = only_run(tmp_path / "runs")
+    first = entries(run)[0]
+    assert first["dirty"] is True and first["code"] == "code" and first["diff"] == "code.diff"
+    assert len(first["git_commit"]) == 40 and first["world_size"] == 1 and first["torch"].startswith("2.")
+    assert "train.py" in first["command"] and "--max_steps 2" in first["command"]
+    assert "+# edit one" in (run / "code.diff").read_text()
+    copied = sorted(str(p.relative_to(run / "code")) for p in (run / "code").rglob("*.py"))
+    assert "train.py" in copied and "notes.py" in copied and "utils/provenance.py" in copied
+    assert not any(name.startswith(("tests/", ".venv")) for name in copied)
+    assert (run / "code" / "train.py").read_text().endswith("# edit one\n")
+    assert sum(p.stat().st_size for p in (run / "code").rglob("*")) < 200_000
+
+    # a resume with the same code keeps the copy; with other code it gets its own, and says so
+    train_in(repo, tmp_path / "runs", "--resume", run, "--max_steps", "3")
+    assert entries(run)[1]["code"] == "code" and entries(run)[1]["diff"] == "code.diff" and not list(run.glob("code-*"))
+    (repo / "train.py").write_text((repo / "train.py").read_text() + "# edit two\n")
+    train_in(repo, tmp_path / "runs", "--resume", run, "--max_steps", "4")
+    third = entries(run)[2]
+    assert third["code"].startswith("code-") and (run / third["code"] / "train.py").read_text().endswith("# edit two\n")
+    assert "+# edit two" in (run / third["diff"]).read_text()
+    resumes = yaml.safe_load((run / "resumes.yaml").read_text())
+    assert "code" not in resumes[0] and resumes[1]["code"].startswith(third["code"])
+    assert (run / "code" / "train.py").read_text().endswith("# edit one\n")  # the first copy stays as it was
+
+
+@pytest.mark.slow
+def test_a_clean_checkout_has_no_diff_and_no_git_still_works(tmp_path):
+    repo = project_copy(tmp_path / "clean", git=True)
+    train_in(repo, tmp_path / "clean" / "runs")
+    run = only_run(tmp_path / "clean" / "runs")
+    assert entries(run)[0]["dirty"] is False and not (run / "code.diff").exists()
+    repo = project_copy(tmp_path / "plain", git=False)
+    train_in(repo, tmp_path / "plain" / "runs")
+    run = only_run(tmp_path / "plain" / "runs")
+    assert "git_commit" not in entries(run)[0] and (run / "code" / "train.py").is_file()
+    assert not list((run / "code").rglob("site-packages"))
+
+
+def test_recording_takes_little_time(tmp_path):
+    """Measured, not asserted (see benchmarks): printed for the record."""
+    import torch
+
+    from utils.provenance import record_provenance
+
+    started = time.perf_counter()
+    record_provenance(tmp_path, 1, 1, torch.device("cpu"))
+    print(f"record_provenance: {time.perf_counter() - started:.3f} s")
+    assert (tmp_path / "code" / "train.py").is_file()
+
+
+@pytest.mark.slow
+def test_report_png_from_test_py_and_a_note_without_csv(tmp_path):
+    root = tmp_path / "runs"
+    args = ["--root_dir", root, "--accelerator", "cpu", "--logger_name", "csv", "--lr_schedule", "constant"]
+    run_script("train.py", *args, "--epochs", "1")
+    run = only_run(root)
+    run_script("train.py", *args, "--epochs", "2", "--resume", run)  # continued: one curve
+    result = run_script("test.py", "--out_dir", run)
+    assert f"report: {run / 'report.png'}" in result.stdout
+    png = (run / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 20_000
+    series = read_series(run / "logs" / "csv" / "metrics.csv")
+    assert {"train_loss", "val_loss", "val_acc", "lr"} <= set(series)
+    assert series["train_loss"][0] == [5, 10, 15, 19, 24, 29, 34, 38] and series["val_loss"][0] == [19, 38]
+
+    bare = tmp_path / "bare"
+    run_script("train.py", "--root_dir", bare, "--accelerator", "cpu", "--max_steps", "2", "--logger_name",
+               "tensorboard")
+    result = run_script("test.py", "--out_dir", only_run(bare))
+    assert "no report:" in result.stdout and "csv" in result.stdout and not (only_run(bare) / "report.png").exists()

@@ -1,0 +1,65 @@
+"""A guard against miscompiled gradients. torch.compile can return a right forward pass and wrong gradients (torch
+2.13.0's inductor zeroes the convolution gradients of the default CNN on CPU), and a run then just trains badly.
+Before training with --compile, the compiled model is compared once with eager mode: the same first batch, the
+initial weights and the same random state (inductor's fallback_random makes dropout draw from torch's generator)."""
+
+import time
+
+import torch
+from lightning.fabric import Fabric
+
+from utils.console import print0
+from utils.exits import fail
+
+
+def tolerance(precision: str | None) -> float:
+    """Largest relative difference of a gradient that still counts as the same: what reordered arithmetic gives."""
+    if precision in (None, "32-true", "32", "64-true", "64"):
+        return 1e-3
+    return 5e-2  # 16- and bf16-bit arithmetic: measured up to about 0.6% on the default CNN
+
+
+def compiled_gradient_error(fabric: Fabric, eager: torch.nn.Module, compiled: torch.nn.Module, inputs, targets,
+                            loss_fn, seed: int) -> tuple[str, float]:
+    """All ranks: (name, relative difference) of the parameter (or 'loss') whose compiled gradient differs most from
+    eager mode's, worst over every rank, so that every rank reaches the same verdict. No gradient is accumulated and
+    no random state is consumed."""
+    names, params = zip(*[(name, p) for name, p in eager.named_parameters() if p.requires_grad], strict=True)
+
+    def loss_and_gradients(forward) -> tuple[torch.Tensor, tuple]:
+        with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            loss = loss_fn(forward(inputs), targets)
+            return loss.detach().float(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    with fabric.autocast():  # both under the run's precision
+        eager_loss, eager_grads = loss_and_gradients(eager)
+        # the compiled module inside Fabric's wrapper (which insists on fabric.backward), without gradient all-reduce
+        with fabric.no_backward_sync(compiled):
+            compiled_loss, compiled_grads = loss_and_gradients(compiled._forward_module)
+    errors = [(compiled_loss - eager_loss).abs() / eager_loss.abs().clamp_min(1e-12)]
+    zero = torch.zeros((), device=fabric.device)
+    for eager_grad, compiled_grad in zip(eager_grads, compiled_grads, strict=True):
+        eager_grad = zero if eager_grad is None else eager_grad.float()  # None: the parameter took no part
+        compiled_grad = zero if compiled_grad is None else compiled_grad.float()
+        difference = (compiled_grad - eager_grad).norm()
+        errors.append(difference / eager_grad.norm().clamp_min(1e-12) if difference > 0 else difference)
+    errors = fabric.all_reduce(torch.stack(errors), reduce_op="max")  # all ranks
+    worst = int(errors.argmax())
+    return ("loss", *names)[worst], float(errors[worst])
+
+
+def check_compiled_model(fabric: Fabric, eager: torch.nn.Module, compiled: torch.nn.Module, batch, loss_fn, seed: int,
+                         precision: str | None) -> None:
+    """All ranks: stops the run (exit 2, nothing written) if the compiled model's loss or a gradient differs from
+    eager mode's by more than the precision explains; else says how close they are and what the check cost."""
+    started = time.perf_counter()
+    name, error = compiled_gradient_error(fabric, eager, compiled, *batch, loss_fn, seed)
+    limit = tolerance(precision)
+    what = "loss" if name == "loss" else f"gradient of {name}"
+    if error > limit:
+        fail(f"compile=True: the compiled model's {what} differs from eager mode's by {error:.3g} (relative; at most "
+             f"{limit:g} expected): a compiler bug. Train with --compile false, or skip this check with "
+             f"--compile_check false")
+    print0(f"compile check passed in {time.perf_counter() - started:.1f} s: the compiled model's loss and gradients "
+           f"match eager mode's (largest relative difference {error:.2g}, in the {what})")
