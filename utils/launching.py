@@ -1,11 +1,18 @@
 """Starting the processes of a run: Fabric's own launcher, or one that has already started them all."""
 
+import logging
 import os
+import warnings
 
 from lightning.fabric import Fabric
 
 from utils.batching import planned_world_size
 from utils.exits import fail
+
+
+# Lightning warns on every run outside srun where SLURM is installed (a login node, a laptop with the local cluster):
+# scripts/train.slurm uses srun, and a run outside it is meant to be one
+warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
 
 def launch(fabric: Fabric) -> None:
@@ -15,5 +22,7 @@ def launch(fabric: Fabric) -> None:
     if launched != world_size:
         fail(f"the launcher started {launched} processes but devices x num_nodes = {world_size}: "
              f"set --devices (per node) and --num_nodes to match it")
+    if fabric.global_rank > 0:  # only global rank 0 prints: not "Initializing distributed: GLOBAL_RANK: 1"
+        logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     if not os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes exist already
         fabric.launch()
