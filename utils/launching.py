@@ -9,7 +9,6 @@ from lightning.fabric import Fabric
 from utils.batching import planned_world_size
 from utils.exits import fail
 
-
 # Lightning warns on every run outside srun where SLURM is installed (a login node, a laptop with the local cluster):
 # scripts/train.slurm uses srun, and a run outside it is meant to be one
 warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
