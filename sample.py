@@ -16,8 +16,8 @@ from lightning.fabric import Fabric
 from config import load_run_config
 from data import vocabulary
 from model import make_model
-from utils.checkpoint import CheckpointError, choose_checkpoint, model_mismatch, open_checkpoint
 from utils.exits import exit_run, fail
+from utils.run_dir import load_weights_for_reading
 
 
 @torch.no_grad()
@@ -65,14 +65,7 @@ def main() -> None:
     # -- model and checkpoint, on one device ---------------------------------------------------------------------
     fabric = Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
     model = fabric.setup_module(make_model(cfg))
-    try:
-        checkpoint = choose_checkpoint(fabric, args.out_dir, args.checkpoint)
-    except CheckpointError as err:
-        fail(f"checkpoint={args.checkpoint!r}: {err}")
-    mismatch = model_mismatch(open_checkpoint(checkpoint)["model"], model.state_dict())
-    if mismatch:
-        fail(f"checkpoint {checkpoint} does not fit the model: {mismatch}")
-    fabric.load(checkpoint, {"model": model})
+    load_weights_for_reading(fabric, args.out_dir, args.checkpoint, model)
     model.eval()
 
     # -- generate ------------------------------------------------------------------------------------------------

@@ -17,12 +17,14 @@ from torch.utils.data import DataLoader
 
 from config import load_run_config
 from model import make_model
-from train import evaluate, load_datasets, make_fabric
-from utils.checkpoint import CheckpointError, choose_checkpoint, model_mismatch, open_checkpoint, write_text_atomically
+from train import evaluate
+from utils.checkpoint import write_text_atomically
 from utils.console import print0
-from utils.exits import exit_run, fail
-from utils.launching import launch
+from utils.datasets import load_datasets
+from utils.exits import exit_run
+from utils.launching import launch, make_fabric
 from utils.report import write_report
+from utils.run_dir import load_weights_for_reading
 from utils.samplers import ShardSampler
 
 
@@ -48,14 +50,7 @@ def main() -> None:
     model = fabric.setup_module(make_model(cfg))
 
     # -- checkpoint: the one named, or the newest that opens; nothing in the run is moved or deleted (all ranks) ---
-    try:
-        checkpoint = choose_checkpoint(fabric, args.out_dir, args.checkpoint)
-    except CheckpointError as err:
-        fail(f"checkpoint={args.checkpoint!r}: {err}")
-    mismatch = model_mismatch(open_checkpoint(checkpoint)["model"], model.state_dict())
-    if mismatch:
-        fail(f"checkpoint {checkpoint} does not fit the model: {mismatch}")
-    fabric.load(checkpoint, {"model": model})
+    checkpoint = load_weights_for_reading(fabric, args.out_dir, args.checkpoint, model)
 
     # -- evaluate (all ranks) and report (rank 0) ----------------------------------------------------------------
     metrics = {"checkpoint": str(checkpoint), **evaluate(fabric, model, loader, confusion=True)}

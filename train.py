@@ -24,17 +24,15 @@ import time
 import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchmetrics import SumMetric
 
 from config import Config, load_config, settings_record
-from data import IGNORE_INDEX, DataError, make_datasets
+from data import IGNORE_INDEX
 from model import make_model
 from utils.batching import plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
     BEST,
-    AtomicCheckpointIO,
     CheckpointError,
     checkpoint_name,
     load_model_weights,
@@ -44,9 +42,10 @@ from utils.checkpoint import (
 )
 from utils.compile_check import check_compiled_model
 from utils.console import print0, progress_bar
+from utils.datasets import load_datasets
 from utils.exits import exit_run, fail
-from utils.launching import launch
-from utils.loggers import close_loggers, log_hyperparams, make_loggers
+from utils.launching import launch, make_fabric
+from utils.loggers import close_loggers, is_log_step, log_hyperparams, make_loggers
 from utils.lr_schedule import lr_at
 from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
 from utils.provenance import record_provenance
@@ -88,31 +87,6 @@ def evaluate(fabric: Fabric, model, loader, confusion: bool = False) -> dict:
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy for logits of (batch, classes) or (batch, time, vocabulary)."""
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
-
-
-def make_fabric(cfg: Config) -> Fabric:
-    """Fabric with atomic, streamed checkpoint files; a hardware setting it rejects is a one-line error."""
-    try:
-        return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                      strategy=cfg.strategy, precision=cfg.precision, plugins=[AtomicCheckpointIO()])
-    except (ValueError, RuntimeError, MisconfigurationException) as err:
-        fail(str(err).strip().splitlines()[0])
-
-
-def load_datasets(fabric: Fabric, cfg: Config) -> tuple[Dataset, Dataset, Dataset]:
-    """data.py's datasets, built by local rank 0 first so that downloads and caches do not race (all ranks)."""
-    with fabric.rank_zero_first(local=True):
-        try:
-            datasets, error = make_datasets(cfg), None
-        except DataError as err:  # every rank meets it: rank 0 leaves the barrier first
-            datasets, error = None, err
-    if error:
-        fail(str(error))
-    for name, dataset in zip(("train", "val", "test"), datasets, strict=True):
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            fail(f"make_datasets returned a {type(dataset).__name__} as the {name} set: datasets must be map-style "
-                 f"(with __len__ and __getitem__), so that every rank and every resume sees known samples")
-    return datasets
 
 
 def make_loaders(fabric: Fabric, cfg: Config, train_set: Dataset, val_set: Dataset, sampler: ResumableShuffleSampler,
@@ -158,16 +132,6 @@ def make_optimizer(fabric: Fabric, model: torch.nn.Module, cfg: Config, lr: floa
     sizes = {name: {"tensors": len(group), "params": sum(p.numel() for p in group)}
              for name, group in (("decay", decay), ("no_decay", no_decay))}
     return optimizer, sizes
-
-
-def is_log_step(cfg: Config, step: int, steps_per_epoch: int, total_steps: int) -> bool:
-    """Whether optimizer step `step` ends a logging window: every log_every_n_steps steps, or log_per_epoch times
-    per epoch in windows that end by the epoch's end; and the run's last step."""
-    if cfg.log_every_n_steps:
-        return step % cfg.log_every_n_steps == 0 or step == total_steps
-    in_epoch = (step - 1) % steps_per_epoch + 1
-    window = in_epoch * cfg.log_per_epoch // steps_per_epoch  # 1 .. log_per_epoch
-    return window > (in_epoch - 1) * cfg.log_per_epoch // steps_per_epoch or step == total_steps
 
 
 def main(cfg: Config) -> None:

@@ -31,6 +31,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import data  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
 import utils.resume  # noqa: E402
@@ -138,7 +139,7 @@ def probed_model(cfg):
     return module
 
 
-make_datasets, train.make_datasets = train.make_datasets, probed_datasets
+make_datasets, data.make_datasets = data.make_datasets, probed_datasets  # utils/datasets.py looks it up
 make_model, train.make_model, model.make_model = train.make_model, probed_model, probed_model
 if os.environ.get("SCRIPT") == "test":  # not runpy: it would point sys.argv[0] at the script
     spec = importlib.util.spec_from_file_location("test_script", REPO / "test.py")

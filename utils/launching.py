@@ -1,17 +1,29 @@
-"""Starting the processes of a run: Fabric's own launcher, or one that has already started them all."""
+"""Starting a run: Fabric for the configured hardware, and the processes (Fabric's own launcher, or one that has
+already started them all)."""
 
 import logging
 import os
 import warnings
 
 from lightning.fabric import Fabric
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from utils.batching import planned_world_size
+from utils.checkpoint import AtomicCheckpointIO
 from utils.exits import fail
 
 # Lightning warns on every run outside srun where SLURM is installed (a login node, a laptop with the local cluster):
 # scripts/train.slurm uses srun, and a run outside it is meant to be one
 warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+
+
+def make_fabric(cfg) -> Fabric:
+    """Fabric with atomic, streamed checkpoint files; a hardware setting it rejects is a one-line error."""
+    try:
+        return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
+                      strategy=cfg.strategy, precision=cfg.precision, plugins=[AtomicCheckpointIO()])
+    except (ValueError, RuntimeError, MisconfigurationException) as err:
+        fail(str(err).strip().splitlines()[0])
 
 
 def launch(fabric: Fabric) -> None:

@@ -98,3 +98,13 @@ def close_loggers(loggers: list, status: str) -> None:
         logger.finalize(status)
         if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
             logger.experiment.finish(exit_code=0 if status == "success" else 1)
+
+
+def is_log_step(cfg, step: int, steps_per_epoch: int, total_steps: int) -> bool:
+    """Whether optimizer step `step` ends a logging window: every log_every_n_steps steps, or log_per_epoch times
+    per epoch in windows that end by the epoch's end; and the run's last step."""
+    if cfg.log_every_n_steps:
+        return step % cfg.log_every_n_steps == 0 or step == total_steps
+    in_epoch = (step - 1) % steps_per_epoch + 1
+    window = in_epoch * cfg.log_per_epoch // steps_per_epoch  # 1 .. log_per_epoch
+    return window > (in_epoch - 1) * cfg.log_per_epoch // steps_per_epoch or step == total_steps

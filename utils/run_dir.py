@@ -12,7 +12,16 @@ from pathlib import Path
 import yaml
 from lightning.fabric import Fabric
 
-from utils.checkpoint import is_checkpoint_file, newest_that_opens, run_finished, write_text_atomically
+from utils.checkpoint import (
+    CheckpointError,
+    choose_checkpoint,
+    is_checkpoint_file,
+    model_mismatch,
+    newest_that_opens,
+    open_checkpoint,
+    run_finished,
+    write_text_atomically,
+)
 from utils.exits import fail
 
 CONFIG, RESUMES, LOCK, SLURM_JOB = "config.yaml", "resumes.yaml", ".lock", "slurm_job_id"
@@ -191,3 +200,18 @@ def record_resume(run_dir: Path, settings: dict, derived: dict, at_step: int, ch
     path = run_dir / RESUMES
     entries = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
     write_text_atomically(path, yaml.safe_dump([*entries, entry], sort_keys=False))
+
+
+def load_weights_for_reading(fabric: Fabric, run_dir: Path, choice: str | None, model) -> Path:
+    """All ranks, for a reader of a run (test.py, sample.py): loads the weights of the checkpoint `choice` names
+    (see choose_checkpoint) into Fabric's `model`, changing nothing in the run. A checkpoint that is missing, does
+    not open or does not fit the model is a one-line error."""
+    try:
+        checkpoint = choose_checkpoint(fabric, run_dir, choice)
+    except CheckpointError as err:
+        fail(f"checkpoint={choice!r}: {err}")
+    mismatch = model_mismatch(open_checkpoint(checkpoint)["model"], model.state_dict())
+    if mismatch:
+        fail(f"checkpoint {checkpoint} does not fit the model: {mismatch}")
+    fabric.load(checkpoint, {"model": model})
+    return checkpoint
