@@ -26,6 +26,8 @@ IGNORE_INDEX = -100  # a target that is not scored (the padded end of the last w
 
 @dataclass
 class DataConfig:
+    """The data's settings (data.py); in a YAML file under `data:`."""
+
     dataset: Literal["digits", "shakespeare_char"] = "digits"
     """Dataset: digits (8x8 images, 10 classes) or shakespeare_char (characters of Tiny Shakespeare)."""
 

@@ -16,6 +16,8 @@ from data import num_classes
 
 @dataclass
 class ModelConfig:
+    """The model's settings (model.py); in a YAML file under `model:`."""
+
     arch: Literal["cnn", "gpt"] = "cnn"
     """Model: cnn (for digits) or gpt (a decoder-only transformer, for text)."""
     n_layer: int = 4
