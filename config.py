@@ -160,8 +160,6 @@ class Config:
             ("monitor_mode", self.monitor_mode in ("min", "max"), "min or max"),
             ("early_stop_patience", self.early_stop_patience >= 0, "at least 0 (0 is off)"),
             ("early_stop_min_delta", self.early_stop_min_delta >= 0, "at least 0"),
-            ("arch", (self.model.arch == "gpt") == (self.data.dataset == "shakespeare_char"),
-             f"{'gpt' if self.data.dataset == 'shakespeare_char' else 'cnn'} for dataset={self.data.dataset!r}"),
         ]
         for name in ("epochs", "eff_batch_size", "base_lr", "base_batch_size", "log_per_epoch", "checkpoint_frequency"):
             checks.append((name, getattr(self, name) > 0, "positive"))
@@ -170,8 +168,11 @@ class Config:
             checks.append((name, getattr(self, name) is None or getattr(self, name) > 0, "positive or unset"))
         for name, ok, expected in checks:
             if not ok:
-                value = self.model.arch if name == "arch" else getattr(self, name)
-                raise ValueError(f"{name}={value!r} is invalid: expected {expected}")
+                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
+        fitting_arch = "gpt" if self.data.dataset == "shakespeare_char" else "cnn"  # the data decides the model
+        if self.model.arch != fitting_arch:
+            raise ValueError(f"arch={self.model.arch!r} is invalid: expected {fitting_arch} for "
+                             f"dataset={self.data.dataset!r}")
 
 
 def _valid_devices(devices: int | str) -> bool:
@@ -280,7 +281,7 @@ RESUME_CHOICE = "FABRIC_TEMPLATE_RESUME"  # what the launching process resolved;
 def load_config(argv: list[str] | None = None, description: str | None = None) -> Config:
     """parse_config, with --resume resolved to a run folder or checkpoint (None: a new run), and that run's own
     settings under the flags, so nothing is repeated. Reads only."""
-    from utils.run_dir import find_resume_target, run_record
+    from utils.run_dir import find_resume_target
 
     cfg = parse_config(argv, description=description)
     if cfg.resume is None:
@@ -298,10 +299,7 @@ def load_config(argv: list[str] | None = None, description: str | None = None) -
     if cfg.resume is None:
         return cfg
     run_dir, _ = find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir)
-    try:
-        saved = _check_keys(run_record(run_dir)[0])
-    except (OSError, ValueError, yaml.YAMLError) as err:
-        fail(f"resume={cfg.resume!r}: the run's record cannot be read ({str(err).splitlines()[0]})")
+    saved, _ = _read_run_record(run_dir, f"resume={cfg.resume!r}")
     cfg = parse_config(argv, saved=saved, description=description)
     cfg.resume = os.environ[RESUME_CHOICE]
     return cfg
@@ -310,16 +308,21 @@ def load_config(argv: list[str] | None = None, description: str | None = None) -
 def load_run_config(run_dir: Path, argv: list[str], description: str | None = None) -> tuple[Config, dict]:
     """(settings, derived values) of an existing run, for a reader of it (test.py, sample.py): the run's own record
     under any flags in `argv`."""
-    from utils.run_dir import run_record
-
     if not (run_dir / "config.yaml").is_file():
         fail(f"out_dir={str(run_dir)!r} is not a run folder (no config.yaml)")
+    saved, derived = _read_run_record(run_dir, f"out_dir={str(run_dir)!r}")
+    return parse_config(argv, saved=saved, description=description), derived
+
+
+def _read_run_record(run_dir: Path, asked_by: str) -> tuple[dict, dict]:
+    """The run's (settings, derived values); a record that cannot be read is a one-line error naming `asked_by`."""
+    from utils.run_dir import run_record
+
     try:
         saved, derived = run_record(run_dir)
-        saved = _check_keys(saved)
+        return _check_keys(saved), derived
     except (OSError, ValueError, yaml.YAMLError) as err:
-        fail(f"out_dir={str(run_dir)!r}: its record cannot be read ({str(err).splitlines()[0]})")
-    return parse_config(argv, saved=saved, description=description), derived
+        fail(f"{asked_by}: the run's record cannot be read ({str(err).splitlines()[0]})")
 
 
 def settings_record(cfg: Config) -> dict:

@@ -65,14 +65,16 @@ def evaluate(fabric: Fabric, model, loader, confusion: bool = False) -> dict:
     matrix = None
     for inputs, targets in loader:
         logits = model(inputs)
-        if confusion and logits.dim() == 2:  # rows: true class, columns: predicted
+        one_label_per_sample = logits.dim() == 2
+        logits, targets = logits.flatten(0, -2), targets.flatten()  # (samples or tokens, classes)
+        predictions = logits.argmax(-1)
+        if confusion and one_label_per_sample:  # rows: true class, columns: predicted
             classes = logits.shape[1]
-            counts = torch.bincount(targets * classes + logits.argmax(-1), minlength=classes * classes)
+            counts = torch.bincount(targets * classes + predictions, minlength=classes * classes)
             matrix = counts.view(classes, classes) + (0 if matrix is None else matrix)
-        logits, targets = logits.flatten(0, -2), targets.flatten()
         scored = targets != IGNORE_INDEX  # the padded end of a text split is not scored
         loss_sum.update(F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"))
-        correct.update((logits.argmax(-1) == targets)[scored].sum())
+        correct.update((predictions == targets)[scored].sum())
         targets_seen.update(scored.sum())
         samples.update(len(inputs))
     model.train()
