@@ -28,7 +28,7 @@ LOGGERS = ("csv", "tensorboard", "wandb")
 PRECISIONS = get_args(_PRECISION_INPUT_STR)
 ACCELERATORS = ("auto", "gpu", *ACCELERATOR_REGISTRY.available_accelerators())
 # strategies whose launcher re-runs this script: "ddp_spawn" and the like would need main() passed to launch()
-STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp")
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp2", "fsdp")
 
 
 @dataclass
@@ -42,7 +42,8 @@ class Config:
     num_nodes: int = 1
     """Number of nodes (machines)."""
     strategy: str = "auto"
-    """Distribution strategy: auto, ddp, ddp_find_unused_parameters_true, or fsdp (GPU only; untested here)."""
+    """Distribution strategy: auto, ddp, ddp_find_unused_parameters_true, fsdp2 (sharded: model.shard_model), or fsdp
+    (Fabric's FSDP1, GPU only; untested here)."""
     precision: str | None = None
     """Numeric precision: 32-true, 16-mixed, bf16-mixed, 64-true, ... Unset means Fabric's default (32-true)."""
 

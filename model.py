@@ -10,6 +10,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import fully_shard
 
 from data import num_classes
 
@@ -51,6 +53,17 @@ def make_model(cfg) -> nn.Module:
         nn.Linear(64 * 4 * 4, 128), nn.ReLU(), nn.Dropout(cfg.dropout),
         nn.Linear(128, num_classes(cfg)),
     )
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """--strategy fsdp2: which submodules become FSDP units. Each unit's weights are gathered just before its forward
+    and backward and freed after, so a unit is the most memory a rank holds unsharded at once: for the GPT each
+    transformer block, for the CNN each layer with weights; the root takes what is left (embeddings, tied head)."""
+    units = model.blocks if isinstance(model, GPT) else [m for m in model if list(m.parameters(recurse=False))]
+    for unit in units:
+        fully_shard(unit, mesh=mesh["data_parallel"])
+    fully_shard(model, mesh=mesh["data_parallel"])
+    return model
 
 
 class SelfAttention(nn.Module):

@@ -64,9 +64,9 @@ def main() -> None:
 
     # -- model and checkpoint, on one device ---------------------------------------------------------------------
     fabric = Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
-    model = fabric.setup_module(make_model(cfg))
-    load_weights_for_reading(fabric, args.out_dir, args.checkpoint, model)
-    model.eval()
+    model = make_model(cfg)
+    load_weights_for_reading(fabric, args.out_dir, args.checkpoint, model)  # a file or shards
+    model = fabric.setup_module(model).eval()
 
     # -- generate ------------------------------------------------------------------------------------------------
     prompt = torch.tensor([[chars.index(char) for char in args.prompt]], device=fabric.device)

@@ -39,7 +39,7 @@ def main() -> None:
     args, rest = parser.parse_known_args()
     cfg, derived = load_run_config(args.out_dir, rest, description=__doc__)
 
-    # -- setup, data, model --------------------------------------------------------------------------------------
+    # -- setup and data ------------------------------------------------------------------------------------------
     fabric = make_fabric(cfg)
     launch(fabric)
     _, _, test_set = load_datasets(fabric, cfg)
@@ -47,10 +47,11 @@ def main() -> None:
     loader = DataLoader(test_set, batch_size=batch_size, num_workers=cfg.num_workers,
                         sampler=ShardSampler(len(test_set), fabric.world_size, fabric.global_rank))
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
-    model = fabric.setup_module(make_model(cfg))
 
-    # -- checkpoint: the one named, or the newest that opens; nothing in the run is moved or deleted (all ranks) ---
-    checkpoint = load_weights_for_reading(fabric, args.out_dir, args.checkpoint, model)
+    # -- model: the checkpoint named, or the newest that opens; nothing in the run is moved or deleted (all ranks) -
+    model = make_model(cfg)
+    checkpoint = load_weights_for_reading(fabric, args.out_dir, args.checkpoint, model)  # a file or shards
+    model = fabric.setup_module(model)
 
     # -- evaluate (all ranks) and report (rank 0) ----------------------------------------------------------------
     metrics = {"checkpoint": str(checkpoint), **evaluate(fabric, model, loader, confusion=True)}

@@ -33,6 +33,7 @@ from model import make_model
 from utils.batching import plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
     BEST,
+    SHARDED,
     CheckpointError,
     checkpoint_name,
     load_model_weights,
@@ -77,6 +78,10 @@ def evaluate(fabric: Fabric, model, loader, confusion: bool = False) -> dict:
         correct.update((predictions == targets)[scored].sum())
         targets_seen.update(scored.sum())
         samples.update(len(inputs))
+    if isinstance(fabric.strategy, SHARDED):  # FSDP gathers weights inside forward: all ranks forward equally often
+        longest = fabric.all_reduce(torch.tensor(len(loader), device=fabric.device), reduce_op="max")
+        for _ in range(int(longest) - len(loader)):
+            model(inputs)  # a shorter shard repeats its last batch, uncounted
     model.train()
     count = targets_seen.compute().item()
     result = {"loss": loss_sum.compute().item() / count, "acc": correct.compute().item() / count,
@@ -106,7 +111,10 @@ def make_loaders(fabric: Fabric, cfg: Config, train_set: Dataset, val_set: Datas
 def setup_model(fabric: Fabric, cfg: Config, lr: float, train_set: Dataset, micro_batch: int):
     """The model (with init_from's weights in a new run), compiled and checked if asked, and its optimizer, both set
     up by Fabric. Returns them and the optimizer's group sizes."""
-    model = make_model(cfg)
+    # every rank builds the same initial weights (FSDP2 does not copy rank 0's as DDP does), outside its own stream
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = make_model(cfg)
     if cfg.init_from and cfg.resume is None:  # a resumed run continues from its own checkpoint instead
         try:
             print0(load_model_weights(model, cfg.init_from))
@@ -116,8 +124,9 @@ def setup_model(fabric: Fabric, cfg: Config, lr: float, train_set: Dataset, micr
     if cfg.compile:
         torch._inductor.config.fallback_random = True  # dropout draws from torch's generator: checked and resumed alike
         model = torch.compile(model)
-    optimizer, param_groups = make_optimizer(fabric, model, cfg, lr)
-    model, optimizer = fabric.setup(model, optimizer)
+    model = fabric.setup_module(model)  # DDP wraps it, FSDP2 shards it in place
+    optimizer, param_groups = make_optimizer(fabric, model, cfg, lr)  # from the (sharded) parameters to train
+    optimizer = fabric.setup_optimizers(optimizer)
     if cfg.compile and cfg.compile_check:  # a compiler bug must not train silently (all ranks)
         first_batch = fabric.to_device(default_collate([train_set[i] for i in range(micro_batch)]))
         check_compiled_model(fabric, eager_model, model, first_batch, loss_fn, cfg.seed, cfg.precision)
@@ -147,7 +156,7 @@ def main(cfg: Config) -> None:
     launch(fabric)
     cfg = fabric.broadcast(cfg)  # all ranks: rank 0's settings, and the run its --resume chose
     stop = StopRequest()  # SIGTERM, SIGUSR1, Ctrl-C only set a flag; the loop saves and exits at a step boundary
-    # each rank draws its own dropout masks; DDP copies rank 0's initial weights to every rank
+    # each rank draws its own dropout masks (the initial weights are the same everywhere: see setup_model)
     fabric.seed_everything(cfg.seed + fabric.global_rank, verbose=False)
 
     # -- data: every optimizer step sees the same eff_batch_size samples on any number of devices -------------

@@ -3,7 +3,7 @@ with probes that record what the script does.
 
 Environment (all optional):
   FAULT_AT_FORWARD=k   the k-th training forward of this rank (1-based)
-  FAULT=sigusr1|sigterm|sigkill|nan   send this process that real signal, or make that forward's output NaN
+  FAULT=sigusr1|sigterm|sigint|sigkill|nan   send this process that real signal, or make that forward's output NaN
   FAULT_RANKS=0,1      the global ranks that get the fault (default: all)
   BREAK=rng|sampler_epoch|batch_skip  switch off one part of exact resume, for the negative controls
   PROBE_LOG=FILE       append a line per model forward ("RANK train|eval BATCH") and per dataset build
@@ -63,7 +63,8 @@ def inject(module, inputs, output):
     fault = os.environ["FAULT"]
     if fault == "nan":
         return output * float("nan")
-    os.kill(os.getpid(), {"sigusr1": signal.SIGUSR1, "sigterm": signal.SIGTERM, "sigkill": signal.SIGKILL}[fault])
+    os.kill(os.getpid(), {"sigusr1": signal.SIGUSR1, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT,
+                         "sigkill": signal.SIGKILL}[fault])
     return None
 
 

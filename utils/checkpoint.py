@@ -1,8 +1,10 @@
 """Checkpoints that survive crashes: atomic streaming saves, retention, and picking the newest one that opens.
 
-A checkpoint is one file `epoch-EEEE-step-SSSSSSSS.ckpt` (a folder of shards under FSDP / DeepSpeed) that
-`torch.load(path, weights_only=True)` opens. It is written under a hidden temporary name in the same folder and
-renamed into place, so a kill at any moment leaves either the complete file or none under a checkpoint name.
+A checkpoint is one file `epoch-EEEE-step-SSSSSSSS.ckpt` that `torch.load(path, weights_only=True)` opens, or under
+fsdp2 a folder of that name: one shard file per rank and `.metadata` (torch.distributed.checkpoint) and `meta.pt`
+(the rest of the state). Either is written under a hidden temporary name in the same folder and renamed into place,
+so a kill at any moment leaves either the complete checkpoint or none under a checkpoint name. Both kinds load into
+a run of any strategy and any number of processes.
 """
 
 import math
@@ -14,9 +16,17 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
 from lightning.fabric import Fabric
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 NAME = re.compile(r"epoch-(\d+)-step-(\d+)\.ckpt")
 BEST = "best.ckpt"  # the best validation so far; retention and picking a checkpoint to resume from ignore it
@@ -76,8 +86,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, file)  # tensor by tensor, straight to disk
                 file.flush()
                 os.fsync(file.fileno())
-            os.replace(tmp, path)
-            _fsync(path.parent)  # the rename itself is durable only once the folder is synced
+            _move_into_place(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -86,24 +95,53 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
 
 
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """Renames a complete, fsynced checkpoint into place, durably. A file replaces a file atomically; a folder of that
+    name (best.ckpt of an fsdp2 run) is first renamed aside and then deleted (a kill in between leaves the newer
+    checkpoints, and no best.ckpt)."""
+    old = path.with_name(f".{path.name}.old.tmp")
+    if path.is_dir() or (tmp.is_dir() and path.exists()):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync(path.parent)  # the rename itself is durable only once the folder is synced
+    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+
+
+def _first_error(fabric: Fabric, error: str | None) -> str | None:
+    """All ranks: the error of the lowest rank that had one, so that every rank stops together."""
+    if fabric.world_size == 1:
+        return error
+    errors = [None] * fabric.world_size
+    torch.distributed.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
 def save_checkpoint(fabric: Fabric, ckpt_dir: Path, name: str, state: dict) -> Path:
-    """Saves atomically; call on all ranks. On any error every rank raises CheckpointError naming the file."""
+    """Saves atomically; call on all ranks. On any error on any rank, every rank raises CheckpointError naming the
+    checkpoint, and nothing is left under a checkpoint or temporary name."""
     path = ckpt_dir / name
-    error = None
+    sharded = isinstance(fabric.strategy, SHARDED)
+    error, saved = None, False
     try:
-        if isinstance(fabric.strategy, SHARDED):  # every rank writes shards: commit by renaming the whole folder
-            fabric.save(_temporary(path), state)
-            fabric.barrier()
-            if fabric.is_global_zero:
-                os.replace(_temporary(path), path)
-                _fsync(ckpt_dir)
-        else:
-            fabric.save(path, state)  # AtomicCheckpointIO, on global rank 0
-    except (OSError, RuntimeError) as err:
-        if isinstance(err.__context__, OSError):  # torch's writer wraps a failed write (disk full) in RuntimeError
-            err = err.__context__
-        error = f"could not save checkpoint {path}: {getattr(err, 'strerror', None) or err}"
-    error = fabric.broadcast(error)  # all ranks: the others stop too
+        # every rank writes its shard, or global rank 0 the file (AtomicCheckpointIO); then all wait in a barrier
+        fabric.save(_temporary(path) if sharded else path, state)
+        saved = True
+        if sharded and fabric.is_global_zero:
+            _fsync(_temporary(path) / "meta.pt")  # the shards are fsynced by torch's writer
+            _fsync(_temporary(path))
+            _move_into_place(_temporary(path), path)
+    # torch's writer wraps a failed write (disk full) in RuntimeError; torch.distributed.checkpoint raises its
+    # CheckpointException (a BaseException) on every rank when any rank failed
+    except (OSError, RuntimeError, dcp.CheckpointException) as err:
+        cause = err.__context__ if isinstance(err.__context__, OSError) else err
+        if isinstance(err, dcp.CheckpointException):  # {rank: exception} of the ranks that failed
+            cause = next(iter(err.failures.values()))
+        error = f"could not save checkpoint {path}: {getattr(cause, 'strerror', None) or cause}"
+        if sharded and fabric.is_global_zero:
+            shutil.rmtree(_temporary(path), ignore_errors=True)
+        if not saved and not isinstance(err, dcp.CheckpointException) and fabric.world_size > 1:
+            fabric.barrier()  # only this rank failed, before fabric.save's closing barrier that the others wait in
+    error = _first_error(fabric, error)  # all ranks
     if error:
         raise CheckpointError(error)
     return path
@@ -122,10 +160,25 @@ def remove_leftovers(ckpt_dir: Path) -> None:
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
+def check_shards(folder: Path) -> None:
+    """Raises unless the folder's .metadata reads and every shard it names is there, at least as long as the data
+    it indexes (a shard cut short by a full disk or a kill is found without reading the tensors)."""
+    metadata = dcp.FileSystemReader(folder).read_metadata()
+    needed = {}
+    for where in metadata.storage_data.values():
+        needed[where.relative_path] = max(needed.get(where.relative_path, 0), where.offset + where.length)
+    for name, size in sorted(needed.items()):
+        if not (folder / name).is_file():
+            raise CheckpointError(f"shard {name} is missing")
+        if (folder / name).stat().st_size < size:
+            raise CheckpointError(f"shard {name} is truncated ({(folder / name).stat().st_size} of {size} bytes)")
+
+
 def open_checkpoint(path: Path) -> dict:
-    """The checkpoint's contents, memory-mapped (cheap for any size); raises if it is missing, truncated, corrupt
-    or would need unsafe unpickling."""
-    if path.is_dir():  # a folder of shards: its non-tensor state
+    """The checkpoint's contents, memory-mapped (cheap for any size), without the shards of a folder (their model
+    and optimizer state); raises if it is missing, truncated, corrupt or would need unsafe unpickling."""
+    if path.is_dir():  # a folder of shards: check them, then read its non-tensor state
+        check_shards(path)
         path = path / "meta.pt"
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -153,6 +206,60 @@ def newest_that_opens(ckpt_dir: Path, move_aside: bool, report: bool = True) -> 
                 print(f"warning: checkpoint {path} does not open ({type(err).__name__}: {reason}); {action}",
                       file=sys.stderr)
     return None, None
+
+
+def read_model_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The full model weights of a checkpoint file or folder of shards, or a plain state_dict file, read by this
+    process alone (any strategy, any number of processes, no process group needed); memory-mapped from a file. With
+    shapes_only a folder's weights are empty tensors on the meta device (nothing read)."""
+    if not path.is_dir():
+        weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return weights["model"] if isinstance(weights.get("model"), dict) else weights  # a checkpoint, or weights
+    check_shards(path)
+    saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    weights = {key.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype,
+                                                       device="meta" if shapes_only else "cpu")
+               for key, item in saved.items() if key.startswith("model.")}
+    if not shapes_only:
+        dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
+    return weights
+
+
+def load_checkpoint(fabric: Fabric, path: Path, state: dict) -> dict:
+    """All ranks: fabric.load, which also reshards a folder into an fsdp2 run of any size; and across kinds, which
+    it cannot do: a folder of shards into a run that is not sharded (DDP, one process), and a file into an fsdp2 run
+    (Lightning names the optimizer's tensors in module order, not the optimizer's). Restores `state` in place;
+    returns the checkpoint's entries that `state` does not name."""
+    module, optimizer = state["model"].module, state["optimizer"].optimizer
+    if path.is_dir() and not isinstance(fabric.strategy, SHARDED):  # every rank reads every shard
+        full = {"model": get_model_state_dict(module), "optimizer": get_optimizer_state_dict(module, optimizer)}
+        dcp.load(full, checkpoint_id=path, no_dist=True)
+        rest = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    elif not path.is_dir() and isinstance(fabric.strategy, ModelParallelStrategy):  # all read it, keep their shard
+        rest = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        optimizer_state = _named_optimizer_state(rest.pop("optimizer"), module, optimizer)
+        full = {"model": rest.pop("model"), "optimizer": optimizer_state}
+    else:
+        return fabric.load(path, state)
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, full["model"], options=options)
+    set_optimizer_state_dict(module, optimizer, full["optimizer"], options=options)
+    for key in state.keys() - {"model", "optimizer"}:
+        if hasattr(state[key], "load_state_dict"):
+            state[key].load_state_dict(rest.pop(key))
+        else:
+            state[key] = rest.pop(key)
+    return rest
+
+
+def _named_optimizer_state(saved: dict, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """torch's optimizer state_dict numbers the parameters in the optimizer's group order; torch.distributed's
+    state_dict functions name them."""
+    names = {param: name for name, param in module.named_parameters()}
+    order = [names[param] for group in optimizer.param_groups for param in group["params"]]
+    return {"state": {order[index]: value for index, value in saved["state"].items()},
+            "param_groups": [{**group, "params": [order[index] for index in group["params"]]}
+                             for group in saved["param_groups"]]}
 
 
 def pick_checkpoint(fabric: Fabric, ckpt_dir: Path, named: Path | None, read_only: bool = False) -> Path | None:
@@ -223,15 +330,15 @@ def move_newer_aside(ckpt_dir: Path, resumed_from: Path) -> Path | None:
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> str:
-    """init_from: model weights only (weights_only loading), from a template checkpoint or a plain state_dict.
-    Missing and unexpected keys are allowed and reported; a shape that does not fit raises CheckpointError."""
+    """init_from: model weights only (weights_only loading), from a template checkpoint (a file or a folder of
+    shards) or a plain state_dict. Missing and unexpected keys are allowed and reported; a shape that does not fit
+    raises CheckpointError."""
     try:
-        weights = torch.load(path, map_location="cpu", weights_only=True)
+        weights = read_model_weights(Path(path))
     except FileNotFoundError:
         raise CheckpointError(": no such file") from None
     except Exception as err:
         raise CheckpointError(f" does not open ({type(err).__name__})") from None
-    weights = weights["model"] if isinstance(weights.get("model"), dict) else weights  # a checkpoint, or weights
     own = model.state_dict()
     shared = [key for key in weights if key in own]
     mismatch = model_mismatch({k: weights[k] for k in shared}, {k: own[k] for k in shared})

@@ -6,8 +6,11 @@ import os
 import warnings
 
 from lightning.fabric import Fabric
+from lightning.fabric.plugins import DoublePrecision
+from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from model import shard_model
 from utils.batching import planned_world_size
 from utils.checkpoint import AtomicCheckpointIO
 from utils.exits import fail
@@ -18,10 +21,20 @@ warnings.filterwarnings("ignore", message="The `srun` command is available on yo
 
 
 def make_fabric(cfg) -> Fabric:
-    """Fabric with atomic, streamed checkpoint files; a hardware setting it rejects is a one-line error."""
+    """Fabric with atomic, streamed checkpoint files (folders of shards under fsdp2, see utils/checkpoint.py); a
+    hardware setting it rejects is a one-line error."""
+    hardware = {"accelerator": cfg.accelerator, "devices": cfg.devices, "num_nodes": cfg.num_nodes}
     try:
-        return Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                      strategy=cfg.strategy, precision=cfg.precision, plugins=[AtomicCheckpointIO()])
+        if cfg.strategy != "fsdp2":
+            return Fabric(**hardware, strategy=cfg.strategy, precision=cfg.precision, plugins=[AtomicCheckpointIO()])
+        # FSDP2 (model.shard_model) over every process. ModelParallelStrategy takes the data-parallel size up front
+        # ("auto" would be the number of nodes), so a first Fabric resolves devices x num_nodes; it refuses a
+        # CheckpointIO plugin and the "64-true" string (its plugin works)
+        world_size = planned_world_size(Fabric(**hardware, strategy="ddp"))
+        strategy = ModelParallelStrategy(shard_model, data_parallel_size=world_size, tensor_parallel_size=1)
+        double = cfg.precision in ("64-true", "64")
+        return Fabric(**hardware, strategy=strategy, precision=None if double else cfg.precision,
+                      plugins=[DoublePrecision()] if double else None)
     except (ValueError, RuntimeError, MisconfigurationException) as err:
         fail(str(err).strip().splitlines()[0])
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from lightning.fabric import Fabric
 
 from utils.batching import BatchPlan
-from utils.checkpoint import CheckpointError, model_mismatch, open_checkpoint, pick_checkpoint
+from utils.checkpoint import CheckpointError, load_checkpoint, model_mismatch, pick_checkpoint, read_model_weights
 from utils.console import print0
 from utils.exits import fail
 from utils.rng import restore_rng
@@ -21,10 +21,10 @@ def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state:
         fail(f"resume={cfg.resume!r}: {err}")
     if path is None:
         return None
-    mismatch = model_mismatch(open_checkpoint(path)["model"], state["model"].state_dict())
+    mismatch = model_mismatch(read_model_weights(path, shapes_only=True), state["model"].state_dict())
     if mismatch:
         fail(f"checkpoint {path} does not fit the model: {mismatch}")
-    rng = fabric.load(path, state)["rng"]
+    rng = load_checkpoint(fabric, path, state)["rng"]  # a file or a folder of shards, into any strategy
     for name in ("eff_batch_size", "seed"):  # a new batch size or seed would change the epoch in progress
         if state["config"][name] != getattr(cfg, name):
             fail(f"{name}={getattr(cfg, name)} differs from the checkpoint's {state['config'][name]}: "

@@ -18,7 +18,7 @@ from utils.checkpoint import (
     is_checkpoint_file,
     model_mismatch,
     newest_that_opens,
-    open_checkpoint,
+    read_model_weights,
     run_finished,
     write_text_atomically,
 )
@@ -203,15 +203,16 @@ def record_resume(run_dir: Path, settings: dict, derived: dict, at_step: int, ch
 
 
 def load_weights_for_reading(fabric: Fabric, run_dir: Path, choice: str | None, model) -> Path:
-    """All ranks, for a reader of a run (test.py, sample.py): loads the weights of the checkpoint `choice` names
-    (see choose_checkpoint) into Fabric's `model`, changing nothing in the run. A checkpoint that is missing, does
-    not open or does not fit the model is a one-line error."""
+    """All ranks, for a reader of a run (test.py, sample.py): loads the full weights of the checkpoint `choice` names
+    (see choose_checkpoint; a file or a folder of shards) into `model` before Fabric sets it up, changing nothing in
+    the run. A checkpoint that is missing, does not open or does not fit the model is a one-line error."""
     try:
         checkpoint = choose_checkpoint(fabric, run_dir, choice)
+        weights = read_model_weights(checkpoint)
     except CheckpointError as err:
         fail(f"checkpoint={choice!r}: {err}")
-    mismatch = model_mismatch(open_checkpoint(checkpoint)["model"], model.state_dict())
+    mismatch = model_mismatch(weights, model.state_dict())
     if mismatch:
         fail(f"checkpoint {checkpoint} does not fit the model: {mismatch}")
-    fabric.load(checkpoint, {"model": model})
+    model.load_state_dict(weights)
     return checkpoint
