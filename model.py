@@ -55,12 +55,29 @@ def make_model(cfg) -> nn.Module:
     )
 
 
+def sharding_units(model: nn.Module) -> list[nn.Module]:
+    """The FSDP units of --strategy fsdp2. Each unit's weights are gathered just before its forward and backward and
+    freed after, so a unit is the most memory a rank holds unsharded at once: for the GPT each transformer block, for
+    the CNN each layer with weights."""
+    if isinstance(model, GPT):
+        return list(model.blocks)
+    return [module for module in model if next(module.parameters(), None) is not None]
+
+
+def compile_units(model: nn.Module) -> None:
+    """--compile under fsdp2: each unit compiled in its place, before sharding (torch.compile skips the forward of an
+    FSDP2 module, so a sharded model cannot be compiled whole)."""
+    parent = model.blocks if isinstance(model, GPT) else model
+    units = sharding_units(model)
+    for index, module in enumerate(parent):
+        if any(module is unit for unit in units):
+            parent[index] = torch.compile(module)
+
+
 def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
-    """--strategy fsdp2: which submodules become FSDP units. Each unit's weights are gathered just before its forward
-    and backward and freed after, so a unit is the most memory a rank holds unsharded at once: for the GPT each
-    transformer block, for the CNN each layer with weights; the root takes what is left (embeddings, tied head)."""
-    units = model.blocks if isinstance(model, GPT) else [m for m in model if list(m.parameters(recurse=False))]
-    for unit in units:
+    """--strategy fsdp2 (Fabric calls it in setup_module): each unit sharded over every process, then the root,
+    which takes what is left (the GPT's embeddings and tied head)."""
+    for unit in sharding_units(model):
         fully_shard(unit, mesh=mesh["data_parallel"])
     fully_shard(model, mesh=mesh["data_parallel"])
     return model

@@ -29,7 +29,7 @@ from torchmetrics import SumMetric
 
 from config import Config, load_config, settings_record
 from data import IGNORE_INDEX
-from model import make_model
+from model import compile_units, make_model
 from utils.batching import plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
     BEST,
@@ -120,16 +120,18 @@ def setup_model(fabric: Fabric, cfg: Config, lr: float, train_set: Dataset, micr
             print0(load_model_weights(model, cfg.init_from))
         except CheckpointError as err:
             fail(f"init_from={cfg.init_from!r}{err}")
-    eager_model = model
     if cfg.compile:
         torch._inductor.config.fallback_random = True  # dropout draws from torch's generator: checked and resumed alike
-        model = torch.compile(model)
+        if cfg.strategy == "fsdp2":
+            compile_units(model)  # torch.compile skips an FSDP2 module's forward: each unit is compiled instead
+        else:
+            model = torch.compile(model)
     model = fabric.setup_module(model)  # DDP wraps it, FSDP2 shards it in place
     optimizer, param_groups = make_optimizer(fabric, model, cfg, lr)  # from the (sharded) parameters to train
     optimizer = fabric.setup_optimizers(optimizer)
     if cfg.compile and cfg.compile_check:  # a compiler bug must not train silently (all ranks)
         first_batch = fabric.to_device(default_collate([train_set[i] for i in range(micro_batch)]))
-        check_compiled_model(fabric, eager_model, model, first_batch, loss_fn, cfg.seed, cfg.precision)
+        check_compiled_model(fabric, model, first_batch, loss_fn, cfg.seed, cfg.precision)
     return model, optimizer, param_groups
 
 

@@ -30,6 +30,16 @@ def test_a_wrong_compiler_is_caught_and_every_rank_stops(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_wrong_compiler_is_caught_under_fsdp2(tmp_path):
+    """Under fsdp2 each sharding unit is compiled (torch.compile skips a sharded module's forward, so a whole-model
+    compile would compare eager mode with itself): the halved gradients of rank 1 are caught through the sharded
+    gradients, and every rank stops."""
+    result = driver(tmp_path, "--devices", "2", "--strategy", "fsdp2", backend="half_gradients", ranks="1",
+                    check_rc=2)
+    assert_one_error_line(result, "compile=True: the compiled model's gradient of 0.weight differs")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_right_compiler_passes_with_dropout_and_trains(tmp_path):
     """aot_eager compiles the same arithmetic: the check passes (dropout is on: both draw the same masks) and the
     run trains. --compile_check false skips the check even for a wrong compiler."""

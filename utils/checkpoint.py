@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 NAME = re.compile(r"epoch-(\d+)-step-(\d+)\.ckpt")
+COMPILED = "_orig_mod."  # in the names of modules compiled one by one (fsdp2); checkpoints hold names without it
 BEST = "best.ckpt"  # the best validation so far; retention and picking a checkpoint to resume from ignore it
 SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
 
@@ -116,6 +117,16 @@ def _first_error(fabric: Fabric, error: str | None) -> str | None:
     return next((e for e in errors if e), None)
 
 
+def _reason(err: BaseException) -> str:
+    """Why a save failed, in words: the OSError (disk full) under torch's wrappers where there is one."""
+    if isinstance(err, dcp.CheckpointException):  # {rank: (exception, traceback)} of the ranks that failed
+        failure = next(iter(err.failures.values()))
+        err = failure[0] if isinstance(failure, tuple) else failure
+    while not isinstance(err, OSError) and isinstance(err.__context__, BaseException):
+        err = err.__context__
+    return getattr(err, "strerror", None) or str(err)
+
+
 def save_checkpoint(fabric: Fabric, ckpt_dir: Path, name: str, state: dict) -> Path:
     """Saves atomically; call on all ranks. On any error on any rank, every rank raises CheckpointError naming the
     checkpoint, and nothing is left under a checkpoint or temporary name."""
@@ -133,10 +144,9 @@ def save_checkpoint(fabric: Fabric, ckpt_dir: Path, name: str, state: dict) -> P
     # torch's writer wraps a failed write (disk full) in RuntimeError; torch.distributed.checkpoint raises its
     # CheckpointException (a BaseException) on every rank when any rank failed
     except (OSError, RuntimeError, dcp.CheckpointException) as err:
-        cause = err.__context__ if isinstance(err.__context__, OSError) else err
-        if isinstance(err, dcp.CheckpointException):  # {rank: exception} of the ranks that failed
-            cause = next(iter(err.failures.values()))
-        error = f"could not save checkpoint {path}: {getattr(cause, 'strerror', None) or cause}"
+        # torch.distributed.checkpoint's writer can lose the OSError (a short write is all it reports): say how full
+        free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.is_dir() else 0
+        error = f"could not save checkpoint {path}: {_reason(err)} ({free / 1e6:.1f} MB free on its disk)"
         if sharded and fabric.is_global_zero:
             shutil.rmtree(_temporary(path), ignore_errors=True)
         if not saved and not isinstance(err, dcp.CheckpointException) and fabric.world_size > 1:
@@ -226,22 +236,23 @@ def read_model_weights(path: Path, shapes_only: bool = False) -> dict[str, torch
 
 
 def load_checkpoint(fabric: Fabric, path: Path, state: dict) -> dict:
-    """All ranks: fabric.load, which also reshards a folder into an fsdp2 run of any size; and across kinds, which
-    it cannot do: a folder of shards into a run that is not sharded (DDP, one process), and a file into an fsdp2 run
-    (Lightning names the optimizer's tensors in module order, not the optimizer's). Restores `state` in place;
-    returns the checkpoint's entries that `state` does not name."""
+    """All ranks: restores `state` in place from a file or a folder of shards, into a run of any strategy and size;
+    returns the checkpoint's entries that `state` does not name. Under DDP or one process a file is fabric.load's;
+    Lightning 2.6.6 cannot load a folder there, nor a file into fsdp2 (it numbers the optimizer's tensors in module
+    order, not the optimizer's), nor anything into a model compiled unit by unit: torch's state_dict functions can."""
+    fsdp2 = isinstance(fabric.strategy, ModelParallelStrategy)
+    if not fsdp2 and (path.is_file() or isinstance(fabric.strategy, SHARDED)):
+        return fabric.load(path, state)  # also Fabric's FSDP1 and DeepSpeed (GPU only, untested here)
     module, optimizer = state["model"].module, state["optimizer"].optimizer
-    if path.is_dir() and not isinstance(fabric.strategy, SHARDED):  # every rank reads every shard
+    if path.is_dir():  # resharded to this run; without fsdp2 every rank reads every shard
         full = {"model": get_model_state_dict(module), "optimizer": get_optimizer_state_dict(module, optimizer)}
-        dcp.load(full, checkpoint_id=path, no_dist=True)
+        dcp.load(full, checkpoint_id=path, no_dist=not fsdp2)
         rest = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-    elif not path.is_dir() and isinstance(fabric.strategy, ModelParallelStrategy):  # all read it, keep their shard
+    else:  # every rank reads the file, then keeps its shard
         rest = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         optimizer_state = _named_optimizer_state(rest.pop("optimizer"), module, optimizer)
         full = {"model": rest.pop("model"), "optimizer": optimizer_state}
-    else:
-        return fabric.load(path, state)
-    options = StateDictOptions(full_state_dict=True)
+    options = StateDictOptions(full_state_dict=not path.is_dir())
     set_model_state_dict(module, full["model"], options=options)
     set_optimizer_state_dict(module, optimizer, full["optimizer"], options=options)
     for key in state.keys() - {"model", "optimizer"}:
@@ -255,7 +266,7 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict) -> dict:
 def _named_optimizer_state(saved: dict, module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """torch's optimizer state_dict numbers the parameters in the optimizer's group order; torch.distributed's
     state_dict functions name them."""
-    names = {param: name for name, param in module.named_parameters()}
+    names = {param: name.replace(COMPILED, "") for name, param in module.named_parameters()}
     order = [names[param] for group in optimizer.param_groups for param in group["params"]]
     return {"state": {order[index]: value for index, value in saved["state"].items()},
             "param_groups": [{**group, "params": [order[index] for index in group["params"]]}
@@ -298,6 +309,7 @@ def choose_checkpoint(fabric: Fabric, run_dir: Path, choice: str | None) -> Path
 
 def model_mismatch(saved: dict, model_state: dict) -> str | None:
     """The first difference between a checkpoint's model state_dict and the model's, in words; None if it fits."""
+    model_state = {key.replace(COMPILED, ""): value for key, value in model_state.items()}
     missing = [key for key in model_state if key not in saved]
     unexpected = [key for key in saved if key not in model_state]
     if missing:

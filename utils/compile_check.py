@@ -1,13 +1,17 @@
 """A guard against miscompiled gradients. torch.compile can return a right forward pass and wrong gradients (torch
 2.13.0's inductor zeroes the convolution gradients of the default CNN on CPU), and a run then just trains badly.
-Before training with --compile, the compiled model is compared once with eager mode: the same first batch, the
-initial weights and the same random state (inductor's fallback_random makes dropout draw from torch's generator)."""
+Before training with --compile, the model set up by Fabric is compared once with itself in eager mode
+(torch.compiler.set_stance): the same first batch, the initial weights and the same random state (inductor's
+fallback_random makes dropout draw from torch's generator)."""
 
+import contextlib
 import time
 
 import torch
 from lightning.fabric import Fabric
+from torch.distributed.tensor import DTensor
 
+from utils.checkpoint import COMPILED, SHARDED
 from utils.console import print0
 from utils.exits import fail
 
@@ -19,24 +23,30 @@ def tolerance(precision: str | None) -> float:
     return 5e-2  # 16- and bf16-bit arithmetic: measured up to about 0.6% on the default CNN
 
 
-def compiled_gradient_error(fabric: Fabric, eager: torch.nn.Module, compiled: torch.nn.Module, inputs, targets,
-                            loss_fn, seed: int) -> tuple[str, float]:
+def compiled_gradient_error(fabric: Fabric, model, inputs, targets, loss_fn, seed: int) -> tuple[str, float]:
     """All ranks: (name, relative difference) of the parameter (or 'loss') whose compiled gradient differs most from
-    eager mode's, worst over every rank, so that every rank reaches the same verdict. No gradient is accumulated and
-    no random state is consumed."""
-    names, params = zip(*[(name, p) for name, p in eager.named_parameters() if p.requires_grad], strict=True)
+    eager mode's (the same modules with compilation switched off), worst over every rank, so that every rank reaches
+    the same verdict. No gradient is accumulated and no random state is consumed."""
+    names, params = zip(*[(name.replace(COMPILED, ""), p) for name, p in model.module.named_parameters()
+                          if p.requires_grad], strict=True)  # names as in a checkpoint
 
-    def loss_and_gradients(forward) -> tuple[torch.Tensor, tuple]:
+    def loss_and_gradients() -> tuple[torch.Tensor, list]:
         with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
             torch.manual_seed(seed)
-            loss = loss_fn(forward(inputs), targets)
-            return loss.detach().float(), torch.autograd.grad(loss, params, allow_unused=True)
+            with fabric.autocast():  # both under the run's precision
+                # the module inside Fabric's wrapper (which insists on fabric.backward)
+                loss = loss_fn(model._forward_module(inputs), targets)
+            loss.backward()  # FSDP2 hands gradients to its sharded parameters in .grad only, not to autograd.grad
+        gradients = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]  # this rank's shard
+        for p in params:
+            p.grad = None
+        return loss.detach().float(), gradients
 
-    with fabric.autocast():  # both under the run's precision
-        eager_loss, eager_grads = loss_and_gradients(eager)
-        # the compiled module inside Fabric's wrapper (which insists on fabric.backward), without gradient all-reduce
-        with fabric.no_backward_sync(compiled):
-            compiled_loss, compiled_grads = loss_and_gradients(compiled._forward_module)
+    # each rank's own gradients (DDP: no all-reduce); FSDP2 can only reduce-scatter them, in both passes alike
+    with contextlib.nullcontext() if isinstance(fabric.strategy, SHARDED) else fabric.no_backward_sync(model):
+        with torch.compiler.set_stance("force_eager"):
+            eager_loss, eager_grads = loss_and_gradients()
+        compiled_loss, compiled_grads = loss_and_gradients()
     errors = [(compiled_loss - eager_loss).abs() / eager_loss.abs().clamp_min(1e-12)]
     zero = torch.zeros((), device=fabric.device)
     for eager_grad, compiled_grad in zip(eager_grads, compiled_grads, strict=True):
@@ -49,12 +59,11 @@ def compiled_gradient_error(fabric: Fabric, eager: torch.nn.Module, compiled: to
     return ("loss", *names)[worst], float(errors[worst])
 
 
-def check_compiled_model(fabric: Fabric, eager: torch.nn.Module, compiled: torch.nn.Module, batch, loss_fn, seed: int,
-                         precision: str | None) -> None:
+def check_compiled_model(fabric: Fabric, model, batch, loss_fn, seed: int, precision: str | None) -> None:
     """All ranks: stops the run (exit 2, nothing written) if the compiled model's loss or a gradient differs from
     eager mode's by more than the precision explains; else says how close they are and what the check cost."""
     started = time.perf_counter()
-    name, error = compiled_gradient_error(fabric, eager, compiled, *batch, loss_fn, seed)
+    name, error = compiled_gradient_error(fabric, model, *batch, loss_fn, seed)
     limit = tolerance(precision)
     what = "loss" if name == "loss" else f"gradient of {name}"
     if error > limit:
