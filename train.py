@@ -5,6 +5,7 @@ Fabric places devices, starts processes and handles precision; everything else i
     python train.py                                          # whatever hardware is here
     python train.py --accelerator cpu --devices 2            # DDP over 2 CPU processes (gloo)
     python train.py --precision bf16-mixed --devices 4       # 4 GPUs, bf16 autocast
+    python train.py --strategy fsdp2 --devices 8 --precision bf16-mixed   # sharded (FSDP2: model.shard_model)
     python train.py --log_per_epoch 4 --logger_name tensorboard csv --checkpoint_frequency 5 --comment "note"
     python train.py --config_path my.yaml --epochs 20        # a YAML file, then flags on top
     python train.py --config_path configs/shakespeare_char.yaml   # a character-level GPT (nanoGPT's CPU recipe)
@@ -64,6 +65,10 @@ def evaluate(fabric: Fabric, model, loader, confusion: bool = False) -> dict:
     model.eval()
     loss_sum, correct, targets_seen, samples = (SumMetric().to(fabric.device) for _ in range(4))
     matrix = None
+    # FSDP gathers weights inside forward, so all ranks must forward equally often: agreed before the first (all ranks)
+    forwards = len(loader)
+    if isinstance(fabric.strategy, SHARDED):
+        forwards = int(fabric.all_reduce(torch.tensor(forwards, device=fabric.device), reduce_op="max"))
     for inputs, targets in loader:
         logits = model(inputs)
         one_label_per_sample = logits.dim() == 2
@@ -78,10 +83,8 @@ def evaluate(fabric: Fabric, model, loader, confusion: bool = False) -> dict:
         correct.update((predictions == targets)[scored].sum())
         targets_seen.update(scored.sum())
         samples.update(len(inputs))
-    if isinstance(fabric.strategy, SHARDED):  # FSDP gathers weights inside forward: all ranks forward equally often
-        longest = fabric.all_reduce(torch.tensor(len(loader), device=fabric.device), reduce_op="max")
-        for _ in range(int(longest) - len(loader)):
-            model(inputs)  # a shorter shard repeats its last batch, uncounted
+    for _ in range(forwards - len(loader)):
+        model(inputs)  # a shorter shard repeats its last batch, uncounted
     model.train()
     count = targets_seen.compute().item()
     result = {"loss": loss_sum.compute().item() / count, "acc": correct.compute().item() / count,

@@ -5,7 +5,8 @@ Environment (all optional):
   FAULT_AT_FORWARD=k   the k-th training forward of this rank (1-based)
   FAULT=sigusr1|sigterm|sigint|sigkill|nan   send this process that real signal, or make that forward's output NaN
   FAULT_RANKS=0,1      the global ranks that get the fault (default: all)
-  BREAK=rng|sampler_epoch|batch_skip  switch off one part of exact resume, for the negative controls
+  BREAK=rng|sampler_epoch|batch_skip  switch off one part of exact resume, for the negative controls; BREAK=same_init:
+                       every rank builds its initial weights from its own seed
   PROBE_LOG=FILE       append a line per model forward ("RANK train|eval BATCH") and per dataset build
                        ("RANK data START END", with DATA_SECONDS of sleep inside)
   EVAL_SECONDS=s       every forward in eval mode sleeps this long (a slow validation)
@@ -134,7 +135,11 @@ if os.environ.get("PLAIN_PRINT"):
     train.print0 = rank_zero_only(print)
 if os.environ.get("BREAK"):
     break_resume(os.environ["BREAK"])
+
+
 def probed_model(cfg):
+    if os.environ.get("BREAK") == "same_init":  # each rank initialises from its own seed, as without setup_model's fix
+        torch.manual_seed(cfg.seed + rank())
     module = make_model(cfg)
     module.register_forward_hook(inject)  # the whole model's forward, not its parts'
     return module

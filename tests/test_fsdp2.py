@@ -93,10 +93,16 @@ def double(tmp_path_factory):
 
 
 def test_fsdp2_trains_as_ddp_does(double, tmp_path):
+    """The same final weights within 1e-12. Negative control: ranks that start from their own initial weights (which
+    DDP would overwrite with rank 0's, and FSDP2 does not) end elsewhere."""
     ddp, fsdp2 = (checkpoints(only_run(double / name)) for name in ("ddp", "fsdp2"))
     assert all(p.is_file() for p in ddp) and all(p.is_dir() for p in fsdp2)
     assert (only_run(double / "fsdp2") / "checkpoints" / "best.ckpt").is_dir()
     assert weight_gap(load_any(ddp[-1], tmp_path), load_any(fsdp2[-1], tmp_path)) < 1e-12
+    run_script("tests/fault_driver.py", "--root_dir", tmp_path / "mixed", "--accelerator", "cpu", "--epochs", "2",
+               "--logger_name", "csv", *DOUBLE, "--strategy", "fsdp2", env={"BREAK": "same_init"})
+    mixed = checkpoints(only_run(tmp_path / "mixed"))[-1]
+    assert weight_gap(load_any(ddp[-1], tmp_path), load_any(mixed, tmp_path)) > 1e-3
 
 
 @pytest.mark.parametrize("source, strategy", [("ddp", "fsdp2"), ("fsdp2", "ddp")])
@@ -195,6 +201,12 @@ def test_gpt_under_fsdp2_saves_on_ctrl_c_resumes_and_is_read_on_one_process(tmp_
     straight = checkpoints(only_run(tmp_path / "straight"))[-1]
     assert bit_identical(load_any(checkpoints(run)[-1], tmp_path), load_any(straight, tmp_path))
 
+    # test.py on 1 process, and on 2 fsdp2 processes one window per forward: 872 on rank 0, 871 on rank 1, yet every
+    # forward gathers weights from both ranks (evaluate() has the shorter shard forward once more, uncounted)
+    one, two = (run_script("test.py", "--out_dir", run, "--accelerator", "cpu", *hardware).stdout
+                for hardware in (["--devices", "1", "--strategy", "auto"], [*FSDP2, "--micro_batch_size", "1"]))
+    assert "(55770 targets)" in one and "(55770 targets)" in two
+    assert one.split("test loss ")[1].split(" on ")[0] == two.split("test loss ")[1].split(" on ")[0]
     sample = run_script("sample.py", "--out_dir", run, "--prompt", "ROMEO:", "--max_new_tokens", "50")
     assert len(sample.stdout.removesuffix("\n")) == 56
     result = run_script("train.py", "--root_dir", tmp_path / "init", *TINY, "--max_steps", "2", "--warmup_steps", "1",
