@@ -167,19 +167,21 @@ def small_disk(path, megabytes):
     return mounted
 
 
-def test_disk_full_during_save(tmp_path):
-    """A real ENOSPC: the run lives on a small tmpfs that is filled up before the next save."""
+@pytest.mark.parametrize("devices", ["1", "2"])
+def test_disk_full_during_save(tmp_path, devices):
+    """A real ENOSPC: the run lives on a small tmpfs that is filled up before the next save. With 2 DDP processes
+    only rank 0 writes, and fails; rank 1 waits in fabric.save's closing barrier: both stop with one line."""
     disk = tmp_path / "disk"
     if not small_disk(disk, 16):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         root = disk / "runs"
-        train(root, "--epochs", "1")
+        train(root, "--epochs", "1", "--devices", devices)
         run = only_run(root)
         before = names(run)
         stat = os.statvfs(disk)
         (disk / "filler").write_bytes(b"\0" * (stat.f_bavail * stat.f_frsize - 300_000))  # leave ~300 kB
-        result = train(root, "--resume", run, "--epochs", "2", check_rc=1)
+        result = train(root, "--resume", run, "--epochs", "2", "--devices", devices, check_rc=1, timeout=120)
         # the first save of epoch 2 fails: best.ckpt if the validation improved, else the epoch checkpoint
         assert "could not save checkpoint" in result.stderr
         assert "best.ckpt" in result.stderr or "epoch-0002-step-00000038.ckpt" in result.stderr
