@@ -120,15 +120,16 @@ def test_a_checkpoint_resumes_under_the_other_strategy(double, tmp_path, source,
     assert (run / "checkpoints" / "best.ckpt").is_dir() == (strategy == "fsdp2")
 
 
-def test_test_py_reads_shards_on_any_number_of_processes(double):
-    """test.py on 1 process (no strategy) and on 2 fsdp2 processes scores the sharded run alike, and equals the
-    DDP run's score."""
+def test_test_py_reads_shards_on_one_process(double):
+    """test.py on 1 process (no strategy) scores the sharded run as the DDP run (test.py on 2 fsdp2 processes: see
+    the GPT test below)."""
     scores = []
-    for name, hardware in [("fsdp2", ["--devices", "1", "--strategy", "auto"]), ("fsdp2", FSDP2), ("ddp", [])]:
-        result = run_script("test.py", "--out_dir", only_run(double / name), "--accelerator", "cpu", *hardware)
+    for name in ("fsdp2", "ddp"):
+        result = run_script("test.py", "--out_dir", only_run(double / name), "--accelerator", "cpu", "--devices", "1",
+                            "--strategy", "auto")
+        assert "on 270 samples" in result.stdout and "report:" in result.stdout
         scores.append(result.stdout.split("test loss ")[1].split(" on ")[0])
-        assert "on 270 samples" in result.stdout
-    assert scores[0] == scores[1] == scores[2], scores
+    assert scores[0] == scores[1], scores
 
 
 # -- damaged and failed sharded checkpoints ---------------------------------------------------------------------------
