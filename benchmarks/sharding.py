@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 WORKLOADS = {
@@ -56,13 +57,15 @@ def bytes_per_rank(checkpoint: Path) -> list[int]:
 def run(strategy: str, workload: str, args) -> tuple[float, list[int]]:
     length = ["--max_steps", str(args.gpt_steps)] if workload == "GPT preset" else ["--epochs", str(args.cnn_epochs)]
     with tempfile.TemporaryDirectory() as root:
-        subprocess.run([sys.executable, str(REPO / "train.py"), "--root_dir", root, "--accelerator", "cpu",
-                        "--devices", "2", "--strategy", strategy, "--logger_name", "csv", *WORKLOADS[workload],
-                        *length], cwd=REPO, check=True, capture_output=True)
+        command = [sys.executable, str(REPO / "train.py"), "--root_dir", root, "--accelerator", "cpu", "--devices", "2",
+                   "--strategy", strategy, "--logger_name", "csv", *WORKLOADS[workload], *length]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"{workload} under {strategy}: {done.stderr.strip().splitlines()[-1]}")
         folder = next(Path(root).iterdir())
         with open(folder / "logs" / "csv" / "metrics.csv") as file:
             rows = [row for row in csv.DictReader(file) if row.get("samples_per_sec")]
-        batch = 12 if workload == "GPT preset" else 64
+        batch = yaml.safe_load((folder / "config.yaml").read_text())["eff_batch_size"]
         step_ms = statistics.median(1000 * batch / float(row["samples_per_sec"]) for row in rows[1:])
         last = max(folder.glob("checkpoints/epoch-*.ckpt"))
         return step_ms, bytes_per_rank(last)

@@ -37,10 +37,11 @@ def flat(tree, prefix="") -> dict:
 
 def bit_identical(a: dict, b: dict) -> bool:
     """The same step, and every tensor and number of the model and optimizer state equal, bit for bit."""
+    if a["global_step"] != b["global_step"]:
+        return False
     a, b = flat({k: a[k] for k in ("model", "optimizer")}), flat({k: b[k] for k in ("model", "optimizer")})
-    same = a.keys() == b.keys() and all(
+    return a.keys() == b.keys() and all(
         torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
-    return same
 
 
 def weight_gap(a: dict, b: dict) -> float:

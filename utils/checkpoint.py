@@ -180,8 +180,8 @@ def check_shards(folder: Path) -> None:
     for name, size in sorted(needed.items()):
         if not (folder / name).is_file():
             raise CheckpointError(f"shard {name} is missing")
-        if (folder / name).stat().st_size < size:
-            raise CheckpointError(f"shard {name} is truncated ({(folder / name).stat().st_size} of {size} bytes)")
+        if (found := (folder / name).stat().st_size) < size:
+            raise CheckpointError(f"shard {name} is truncated ({found} of {size} bytes)")
 
 
 def open_checkpoint(path: Path) -> dict:
