@@ -37,9 +37,9 @@ from utils.checkpoint import (
     SHARDED,
     CheckpointError,
     checkpoint_name,
+    finish_saves,
     load_model_weights,
     move_newer_aside,
-    prune_checkpoints,
     save_checkpoint,
 )
 from utils.compile_check import check_compiled_model
@@ -160,7 +160,7 @@ def main(cfg: Config) -> None:
     lr = scaled_lr(cfg.base_lr, cfg.eff_batch_size, cfg.base_batch_size, cfg.lr_scaling_rule)
     launch(fabric)
     cfg = fabric.broadcast(cfg)  # all ranks: rank 0's settings, and the run its --resume chose
-    stop = StopRequest()  # SIGTERM, SIGUSR1, Ctrl-C only set a flag; the loop saves and exits at a step boundary
+    stop = StopRequest()  # SIGTERM, SIGUSR1, Ctrl-C only set a flag; the loop saves and exits at a log step
     # each rank draws its own dropout masks (the initial weights are the same everywhere: see setup_model)
     fabric.seed_everything(cfg.seed + fabric.global_rank, verbose=False)
 
@@ -233,11 +233,12 @@ def main(cfg: Config) -> None:
     log_loss_sum, log_loss_steps = state["log_loss_sum"], state["log_loss_steps"]  # carried across a resume
     best_value, bad_validations = state["best_value"], state["bad_validations"]  # best.ckpt and early stopping
     window_start, window_steps = time.perf_counter(), 0  # throughput: training time of this process only
+    unsynced_losses = []  # this rank's loss of each step since the last log, validation or checkpoint step
     stop_early = False
     progress = progress_bar(total_steps, start_step, enabled=fabric.is_global_zero)
     for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
         sampler.set_position(epoch, global_step - epoch * steps_per_epoch)  # skips steps a resumed epoch has seen
-        step_loss = torch.zeros((), device=fabric.device)
+        step_loss = torch.zeros((), device=fabric.device)  # stays on the device: reading it would wait for it
         for micro_step, (inputs, targets) in enumerate(train_loader):
             is_accumulating = (micro_step + 1) % batches.accum_steps != 0
 
@@ -249,12 +250,6 @@ def main(cfg: Config) -> None:
             step_loss += loss.detach() / batches.accum_steps
             if is_accumulating:
                 continue
-            # all ranks: one reduce per step (the only host sync) finds a bad loss or a stop request on any rank
-            flags = torch.stack([step_loss.float(), *step_loss.new_tensor([stop.requested, stop.interrupted])])
-            loss_sum, stop_votes, interrupt_votes = fabric.all_reduce(flags, reduce_op="sum").tolist()
-            if not math.isfinite(loss_sum):
-                fail(f"loss is {loss_sum} at step {global_step + 1}; stopped before the optimizer step, "
-                     f"no checkpoint written", status=1, loggers=fabric.loggers)
             for group in optimizer.param_groups:  # the LR is a function of the step alone: the same after a resume
                 group["lr"] = lr_at(global_step + 1, lr, cfg.warmup_steps, total_steps, cfg.lr_schedule,
                                     cfg.min_lr_ratio)
@@ -268,13 +263,33 @@ def main(cfg: Config) -> None:
             # -----------------------------------------------------------------------------------------------------
 
             global_step += 1
-            log_loss_sum += loss_sum / fabric.world_size
-            log_loss_steps += 1
             window_steps += 1
-            step_loss.zero_()
+            unsynced_losses.append(step_loss)
+            step_loss = torch.zeros_like(step_loss)
             progress.update(1)
             end_of_epoch = global_step % steps_per_epoch == 0
             last_step = global_step == total_steps
+            validate = last_step or (global_step % cfg.val_every_n_steps == 0 if cfg.val_every_n_steps
+                                     else end_of_epoch)
+            periodic = global_step % cfg.checkpoint_every_n_steps == 0 if cfg.checkpoint_every_n_steps \
+                else end_of_epoch and (global_step // steps_per_epoch) % cfg.checkpoint_frequency == 0
+
+            # all ranks, at log, validation and checkpoint steps only (the one place the host waits for the device):
+            # each step's loss since the last such step, summed over ranks, and whether any rank was asked to stop.
+            # One process needs no vote: it stops at the next step.
+            stop_votes = interrupt_votes = 0
+            if log_now or validate or periodic or last_step or (stop.requested and fabric.world_size == 1):
+                flags = torch.cat([torch.stack(unsynced_losses).float(),
+                                   step_loss.new_tensor([stop.requested, stop.interrupted])])
+                *loss_sums, stop_votes, interrupt_votes = fabric.all_reduce(flags, reduce_op="sum").tolist()
+                first_step = global_step - len(unsynced_losses) + 1
+                unsynced_losses.clear()
+                for step, loss_sum in enumerate(loss_sums, start=first_step):
+                    if not math.isfinite(loss_sum):  # found before any checkpoint or log of this step
+                        fail(f"loss is {loss_sum} at step {step}; stopped at step {global_step}, no checkpoint "
+                             f"written from step {step} on", status=1, loggers=fabric.loggers)
+                    log_loss_sum += loss_sum / fabric.world_size
+                log_loss_steps += len(loss_sums)
 
             # log: the training loss at log steps, validation in the same row
             metrics = {}
@@ -290,8 +305,6 @@ def main(cfg: Config) -> None:
             paused = time.perf_counter()  # validation and checkpoints do not count as training time
 
             # validate every val_every_n_steps (else once per epoch) and at the last step; follow the best value
-            validate = last_step or (global_step % cfg.val_every_n_steps == 0 if cfg.val_every_n_steps
-                                     else end_of_epoch)
             improved = False
             if validate:
                 val = evaluate(fabric, model, val_loader)  # all ranks: every rank gets the same all-reduced values
@@ -311,8 +324,6 @@ def main(cfg: Config) -> None:
                 fabric.log_dict(metrics, step=global_step)
 
             # checkpoints: periodic, at the end, when stopping, and best.ckpt on each improvement (all ranks)
-            periodic = global_step % cfg.checkpoint_every_n_steps == 0 if cfg.checkpoint_every_n_steps \
-                else end_of_epoch and (global_step // steps_per_epoch) % cfg.checkpoint_frequency == 0
             due = periodic or last_step or stop_early or stop_votes
             if due or improved:
                 state.update(global_step=global_step, epoch=global_step // steps_per_epoch, rng=gather_rng(fabric),
@@ -320,15 +331,16 @@ def main(cfg: Config) -> None:
                              log_loss_steps=log_loss_steps, finished=last_step or stop_early, best_value=best_value,
                              best_step=global_step if improved else state["best_step"],
                              bad_validations=bad_validations)
-                try:
+                try:  # each save copies the state and returns; the file is written and fsynced in the background
                     if improved:
                         save_checkpoint(fabric, ckpt_dir, BEST, state)
                     if due:
-                        path = save_checkpoint(fabric, ckpt_dir, checkpoint_name(state["epoch"], global_step), state)
+                        path = save_checkpoint(fabric, ckpt_dir, checkpoint_name(state["epoch"], global_step), state,
+                                               keep=cfg.num_checkpoint_keep, protect=resumed_from)
+                    if last_step or stop_early or stop_votes:
+                        finish_saves(fabric)  # the last checkpoint is on disk before the run says it is
                 except CheckpointError as err:
                     fail(str(err), status=1, loggers=fabric.loggers)
-                if due and fabric.is_global_zero:
-                    prune_checkpoints(ckpt_dir, cfg.num_checkpoint_keep, protect=resumed_from)
             if stop_votes:
                 progress.close()  # the bar ends its line before the last message
                 how = "interrupted (Ctrl-C)" if interrupt_votes else "stop requested"

@@ -56,6 +56,17 @@ def test_sigkill_mid_save_leaves_earlier_checkpoints_and_no_partial_file(tmp_pat
     assert len(saved) + len(leftovers) >= 2  # the kill landed in the second save (or right after it)
 
 
+def test_exit_waits_for_the_write_in_the_background(tmp_path):
+    """Saves return once the state is copied; the weights change at once and the process exits right after the
+    last save: each checkpoint holds the weights of its own step, complete, and the newest is in place."""
+    ckpt_dir = tmp_path / "checkpoints"
+    subprocess.run([sys.executable, str(REPO / "tests" / "save_worker.py"), str(ckpt_dir), "64", "2"], check=True)
+    saved = list_checkpoints(ckpt_dir)
+    assert [load(path)["global_step"] for path in saved] == [1, 2] and not list(ckpt_dir.glob(".*.tmp"))
+    for step, path in enumerate(saved, start=1):
+        assert torch.equal(load(path)["model"]["weight"], torch.full((64 * 256, 1024), float(step)))
+
+
 def test_leftover_temp_file_is_removed_at_next_start(root):
     train(root, "--epochs", "1")
     run = only_run(root)

@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 from datetime import datetime
 from pathlib import Path
 
@@ -75,25 +76,78 @@ def _fsync(path: Path) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Fabric's single-file save, but streamed straight to a temporary file next to the target, fsynced and
-    renamed into place (Fabric's own builds the file in memory and moves it from the system temp folder)."""
+    """Fabric's single-file save (on global rank 0), atomic and written in the background. `save_checkpoint` only
+    copies the state off the device (and out of the live tensors training goes on changing) and returns; a thread
+    streams the copy to a temporary file next to the target, fsyncs it, renames it into place, then runs `after`
+    (pruning older checkpoints). One write at a time: the next save and `wait()` wait for it, and the process's
+    exit waits too (the thread is not a daemon). Fabric's own save builds the file in memory, moves it from the
+    system temp folder, and blocks until it is written."""
+
+    instances: list["AtomicCheckpointIO"] = []  # every one made in this process, for wait_for_writes at an exit
+
+    def __init__(self):
+        super().__init__()
+        AtomicCheckpointIO.instances.append(self)
+        self.after = None  # run once the next checkpoint is in place (set by save_checkpoint)
+        self._writer: threading.Thread | None = None
+        self._failure: str | None = None
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if failure := self.wait():  # save_checkpoint() checks before each save; this is for direct callers
+            raise CheckpointError(failure)
         path = Path(path)
-        tmp = _temporary(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        copy = _copy_off_device(checkpoint, {})
+        self._writer = threading.Thread(target=self._write, args=(copy, path, self.after), name="checkpoint-writer")
+        self.after = None
+        self._writer.start()
+
+    def _write(self, checkpoint: dict, path: Path, after) -> None:
+        tmp = _temporary(path)
         try:
             with open(tmp, "wb") as file:
                 torch.save(checkpoint, file)  # tensor by tensor, straight to disk
                 file.flush()
                 os.fsync(file.fileno())
             _move_into_place(tmp, path)
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)
-            raise
+            free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+            self._failure = f"could not save checkpoint {path}: {_reason(err)} ({free / 1e6:.1f} MB free on its disk)"
+            return
+        try:
+            if after is not None:
+                after()
+        except OSError as err:
+            self._failure = f"saved checkpoint {path}, but could not delete older ones: {err}"
+
+    def wait(self) -> str | None:
+        """Waits for the write in progress, if any; returns why it failed (naming the checkpoint), or None."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        failure, self._failure = self._failure, None
+        return failure
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)  # never unpickle code
+
+
+def _copy_off_device(value, copies: dict):
+    """A copy of a checkpoint's dicts, lists and tensors on the CPU, sharing no memory with the original. Tensors
+    that shared memory (a tied embedding and head) still share it in the copy, so the file holds them once."""
+    if isinstance(value, torch.Tensor):
+        storage = value.untyped_storage()
+        key = (storage.data_ptr(), value.device)
+        if key not in copies:
+            copies[key] = storage.clone() if value.device.type == "cpu" else storage.cpu()
+        copy = torch.empty(0, dtype=value.dtype)
+        return copy.set_(copies[key], value.storage_offset(), value.size(), value.stride())
+    if isinstance(value, dict):
+        return {key: _copy_off_device(item, copies) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_copy_off_device(item, copies) for item in value)
+    return value
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
@@ -127,11 +181,38 @@ def _reason(err: BaseException) -> str:
     return getattr(err, "strerror", None) or str(err)
 
 
-def save_checkpoint(fabric: Fabric, ckpt_dir: Path, name: str, state: dict) -> Path:
-    """Saves atomically; call on all ranks. On any error on any rank, every rank raises CheckpointError naming the
-    checkpoint, and nothing is left under a checkpoint or temporary name."""
+def _background_writer(fabric: Fabric) -> AtomicCheckpointIO | None:
+    io = None if isinstance(fabric.strategy, SHARDED) else fabric.strategy.checkpoint_io
+    return io if isinstance(io, AtomicCheckpointIO) else None
+
+
+def finish_saves(fabric: Fabric) -> None:
+    """All ranks: waits until the checkpoint being written in the background (by global rank 0) is in place. If
+    that write failed, every rank raises CheckpointError naming the checkpoint."""
+    writer = _background_writer(fabric)
+    failure = writer.wait() if writer is not None and fabric.is_global_zero else None
+    if failure := _first_error(fabric, failure):
+        raise CheckpointError(failure)
+
+
+def wait_for_writes() -> list[str]:
+    """This process's background checkpoint writes, finished; why each one that failed failed (for an exit)."""
+    return [failure for writer in AtomicCheckpointIO.instances if (failure := writer.wait())]
+
+
+def save_checkpoint(fabric: Fabric, ckpt_dir: Path, name: str, state: dict, keep: int | None = None,
+                    protect: Path | None = None) -> Path:
+    """Saves atomically; call on all ranks. A single file is written in the background (AtomicCheckpointIO): this
+    returns once the state is copied, after the previous write is in place. With `keep`, global rank 0 then deletes
+    all but the newest `keep` checkpoints, sparing `protect`, once this one is in place. On any error on any rank,
+    in this save or the write before it, every rank raises CheckpointError naming the checkpoint, and nothing is
+    left under a checkpoint or temporary name."""
     path = ckpt_dir / name
     sharded = isinstance(fabric.strategy, SHARDED)
+    finish_saves(fabric)  # all ranks
+    prune = (lambda: prune_checkpoints(ckpt_dir, keep, protect)) if keep and fabric.is_global_zero else None
+    if prune is not None and not sharded:
+        fabric.strategy.checkpoint_io.after = prune
     error, saved = None, False
     try:
         # every rank writes its shard, or global rank 0 the file (AtomicCheckpointIO); then all wait in a barrier
@@ -141,6 +222,8 @@ def save_checkpoint(fabric: Fabric, ckpt_dir: Path, name: str, state: dict) -> P
             _fsync(_temporary(path) / "meta.pt")  # the shards are fsynced by torch's writer
             _fsync(_temporary(path))
             _move_into_place(_temporary(path), path)
+            if prune is not None:
+                prune()
     # torch's writer wraps a failed write (disk full) in RuntimeError; torch.distributed.checkpoint raises its
     # CheckpointException (a BaseException) on every rank when any rank failed
     except (OSError, RuntimeError, dcp.CheckpointException) as err:

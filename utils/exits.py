@@ -10,6 +10,7 @@ import torch.distributed
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
 
+from utils.checkpoint import wait_for_writes
 from utils.loggers import close_loggers
 from utils.preemption import EXIT_PREEMPTED
 
@@ -20,6 +21,10 @@ def exit_run(status: int, loggers=()) -> NoReturn:
     Under DDP it skips interpreter teardown: there torch's gloo process-group destructor joins its worker thread
     while holding the GIL and can deadlock (or abort with 'terminate called without an active exception').
     """
+    for failure in wait_for_writes():  # a checkpoint still being written in the background is finished first
+        if rank_zero_only.rank == 0:
+            tqdm.write(f"{Path(sys.argv[0]).name}: error: {failure}", file=sys.stderr)
+        status = status or 1
     close_loggers(loggers, "success" if status in (0, EXIT_PREEMPTED) else "failed")
     if torch.distributed.is_initialized():
         sys.stdout.flush()

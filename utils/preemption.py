@@ -1,7 +1,8 @@
 """Stopping cleanly. SIGTERM and SIGUSR1 (what SLURM sends before a time limit or preemption) and the first Ctrl-C
-(SIGINT) only set a flag: the training loop saves a checkpoint at the next optimizer-step boundary and exits with
-EXIT_PREEMPTED, or EXIT_INTERRUPTED after Ctrl-C. A second Ctrl-C stops at once; the checkpoints already written stay
-intact (saves are atomic)."""
+(SIGINT) only set a flag: the training loop saves a checkpoint and exits with EXIT_PREEMPTED, or EXIT_INTERRUPTED
+after Ctrl-C. One process does so after the current optimizer step; several processes at the next log, validation
+or checkpoint step, where they vote (a vote every step would make the host wait for the device every step). A second
+Ctrl-C stops at once; the checkpoints already written stay intact (saves are atomic)."""
 
 import os
 import signal
