@@ -48,6 +48,7 @@ from utils.datasets import load_datasets
 from utils.exits import exit_run, fail
 from utils.launching import launch, make_fabric
 from utils.loggers import close_loggers, is_log_step, log_hyperparams, make_loggers
+from utils.loss_check import check_losses_and_votes
 from utils.lr_schedule import lr_at
 from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
 from utils.provenance import record_provenance
@@ -55,6 +56,7 @@ from utils.resume import resume_state
 from utils.rng import gather_rng
 from utils.run_dir import claim_run_dir, record_resume, record_start
 from utils.samplers import ResumableShuffleSampler, ShardSampler
+from utils.throughput import Speed
 
 
 @torch.no_grad()
@@ -179,6 +181,9 @@ def main(cfg: Config) -> None:
     # -- model and optimizer ---------------------------------------------------------------------------------------
     model, optimizer, param_groups = setup_model(fabric, cfg, lr, train_set, batches.micro)
 
+    # speed at log steps: samples (tokens) per second; on a GPU also FLOPs per second and MFU, from one FLOP count
+    speed = Speed(fabric, cfg, train_set[0], batches, lambda: make_model(cfg), loss_fn)
+
     # -- run folder: a new one, or the resumed run's; locked by rank 0 before anything in it is touched ----------
     run_dir, resume_file = claim_run_dir(fabric, cfg)  # all ranks
     ckpt_dir = run_dir / "checkpoints"
@@ -267,44 +272,33 @@ def main(cfg: Config) -> None:
             unsynced_losses.append(step_loss)
             step_loss = torch.zeros_like(step_loss)
             progress.update(1)
-            end_of_epoch = global_step % steps_per_epoch == 0
-            last_step = global_step == total_steps
+            end_of_epoch, last_step = global_step % steps_per_epoch == 0, global_step == total_steps
+            # validate and save every val_every_n_steps / checkpoint_every_n_steps (else by epochs), and at the end
             validate = last_step or (global_step % cfg.val_every_n_steps == 0 if cfg.val_every_n_steps
                                      else end_of_epoch)
             periodic = global_step % cfg.checkpoint_every_n_steps == 0 if cfg.checkpoint_every_n_steps \
                 else end_of_epoch and (global_step // steps_per_epoch) % cfg.checkpoint_frequency == 0
 
-            # all ranks, at log, validation and checkpoint steps only (the one place the host waits for the device):
-            # each step's loss since the last such step, summed over ranks, and whether any rank was asked to stop.
-            # One process needs no vote: it stops at the next step.
+            # all ranks, at log, validation and checkpoint steps only (the host waits for the device nowhere else): the
+            # losses since then, checked, and any rank's stop request (one process needs no vote: it stops at once)
             stop_votes = interrupt_votes = 0
             if log_now or validate or periodic or last_step or (stop.requested and fabric.world_size == 1):
-                flags = torch.cat([torch.stack(unsynced_losses).float(),
-                                   step_loss.new_tensor([stop.requested, stop.interrupted])])
-                *loss_sums, stop_votes, interrupt_votes = fabric.all_reduce(flags, reduce_op="sum").tolist()
-                first_step = global_step - len(unsynced_losses) + 1
+                losses, stop_votes, interrupt_votes = check_losses_and_votes(fabric, unsynced_losses, stop, global_step)
+                log_loss_sum, log_loss_steps = sum(losses, log_loss_sum), log_loss_steps + len(losses)
                 unsynced_losses.clear()
-                for step, loss_sum in enumerate(loss_sums, start=first_step):
-                    if not math.isfinite(loss_sum):  # found before any checkpoint or log of this step
-                        fail(f"loss is {loss_sum} at step {step}; stopped at step {global_step}, no checkpoint "
-                             f"written from step {step} on", status=1, loggers=fabric.loggers)
-                    log_loss_sum += loss_sum / fabric.world_size
-                log_loss_steps += len(loss_sums)
 
             # log: the training loss at log steps, validation in the same row
             metrics = {}
             if log_now:
                 metrics = {"train_loss": log_loss_sum / log_loss_steps, "lr": optimizer.param_groups[0]["lr"],
                            "grad_norm": grad_norm.item(),
-                           "samples_per_sec": window_steps * cfg.eff_batch_size / (time.perf_counter() - window_start)}
-                if targets.dim() > 1:  # a sample is a sequence: count its tokens too
-                    metrics["tokens_per_sec"] = metrics["samples_per_sec"] * targets[0].numel()
+                           **speed.rates(window_steps, time.perf_counter() - window_start)}
                 progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", refresh=False)  # drawn at the bar's pace
                 log_loss_sum, log_loss_steps, window_steps = 0.0, 0, 0
                 window_start = time.perf_counter()
             paused = time.perf_counter()  # validation and checkpoints do not count as training time
 
-            # validate every val_every_n_steps (else once per epoch) and at the last step; follow the best value
+            # validate, and follow the best value
             improved = False
             if validate:
                 val = evaluate(fabric, model, val_loader)  # all ranks: every rank gets the same all-reduced values

@@ -296,7 +296,7 @@ def test_grad_scaler_state_survives_a_checkpoint(tmp_path):
     from lightning.fabric import Fabric
     from lightning.fabric.plugins import MixedPrecision
 
-    from utils.checkpoint import AtomicCheckpointIO, save_checkpoint
+    from utils.checkpoint import AtomicCheckpointIO, finish_saves, save_checkpoint
 
     def fabric_16_mixed():
         return Fabric(accelerator="cpu", devices=1, plugins=[AtomicCheckpointIO(), MixedPrecision("16-mixed", "cpu")])
@@ -306,6 +306,7 @@ def test_grad_scaler_state_survives_a_checkpoint(tmp_path):
     scaler.scale(torch.ones(()))  # the scaler starts lazily, at its first use
     scaler.update(new_scale=1234.0)
     path = save_checkpoint(saver, tmp_path, "epoch-0001-step-00000001.ckpt", {"scaler": scaler})
+    finish_saves(saver)  # the file is written in the background
     assert load(path)["scaler"]["scale"] == 1234.0  # weights_only loading opens it
     loader = fabric_16_mixed()
     loader.load(path, {"scaler": loader.strategy.precision.scaler})

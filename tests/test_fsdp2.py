@@ -188,9 +188,11 @@ def test_disk_full_during_a_sharded_save(tmp_path):
 # -- the GPT ----------------------------------------------------------------------------------------------------------
 
 def test_gpt_under_fsdp2_saves_on_ctrl_c_resumes_and_is_read_on_one_process(tmp_path):
-    """The GPT preset (shrunk) sharded per block: Ctrl-C at step 5 saves and exits 130; the resume ends bit-identical
-    to a straight run; retention keeps 2 folders; sample.py and init_from read the shards on 1 process."""
+    """The GPT preset (shrunk) sharded per block: Ctrl-C in step 5, a log step where the processes vote, saves and
+    exits 130; the resume ends bit-identical to a straight run; retention keeps 2 folders; sample.py and init_from
+    read the shards on 1 process."""
     args = [*TINY, *FSDP2, "--max_steps", "8", "--warmup_steps", "2", "--val_every_n_steps", "1000",
+            "--log_every_n_steps", "5",
             "--checkpoint_every_n_steps", "2", "--num_checkpoint_keep", "2", "--dropout", "0.1"]
     run_script("train.py", "--root_dir", tmp_path / "straight", *args)
     run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *args, check_rc=130,
