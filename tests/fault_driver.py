@@ -11,6 +11,9 @@ Environment (all optional):
                        ("RANK data START END", with DATA_SECONDS of sleep inside)
   EVAL_SECONDS=s       every forward in eval mode sleeps this long (a slow validation)
   ITERABLE_DATA=1      make_datasets returns IterableDatasets
+  READS_LOG=FILE       write {optimizer steps done: host reads of a tensor's value} (.item() and the like, which run
+                       aten._local_scalar_dense, and .tolist(); each waits for a GPU), AdamW's host-side step
+                       counters aside
   SCRIPT=test          run test.py instead of train.py
   PLAIN_PRINT=1        train.py prints with plain print() (a control for the console test)
   COMPILE_BACKEND=b    torch.compile uses backend b: aot_eager (right), or half_gradients (a deliberately wrong
@@ -19,7 +22,9 @@ Environment (all optional):
 Fabric's launcher re-runs sys.argv (this file) for every extra rank, so each rank injects its own fault.
 """
 
+import atexit
 import importlib.util
+import json
 import os
 import signal
 import sys
@@ -28,6 +33,8 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -147,6 +154,36 @@ def probed_model(cfg):
 
 make_datasets, data.make_datasets = data.make_datasets, probed_datasets  # utils/datasets.py looks it up
 make_model, train.make_model, model.make_model = train.make_model, probed_model, probed_model
+class CountReads(TorchDispatchMode):
+    """Counts reads of tensor values by the host, by the number of optimizer steps done when each happened."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps, self.reads, self.counters = 0, {}, set()
+        register_optimizer_step_post_hook(self.stepped)
+
+    def stepped(self, optimizer, args, kwargs):
+        self.steps += 1
+        self.counters = {state["step"].data_ptr() for state in optimizer.state.values() if "step" in state}
+
+    def count(self) -> None:
+        self.reads[self.steps] = self.reads.get(self.steps, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].data_ptr() not in self.counters:
+            self.count()
+        return func(*args, **(kwargs or {}))
+
+
+def counted_tolist(tensor):  # a CPU tensor's tolist() reads its memory without passing the dispatcher
+    reads.count()
+    return tolist(tensor)
+
+
+if os.environ.get("READS_LOG"):
+    reads, tolist, torch.Tensor.tolist = CountReads(), torch.Tensor.tolist, counted_tolist
+    reads.__enter__()
+    atexit.register(lambda: Path(os.environ["READS_LOG"]).write_text(json.dumps(reads.reads)))
 if os.environ.get("SCRIPT") == "test":  # not runpy: it would point sys.argv[0] at the script
     spec = importlib.util.spec_from_file_location("test_script", REPO / "test.py")
     test_script = importlib.util.module_from_spec(spec)

@@ -99,3 +99,15 @@ def test_wandb_offline(root):
     val = [(row["trainer/global_step"], row["val_acc"]) for row in history(wandb_file) if "val_acc" in row]
     with open(run / "logs" / "csv" / "metrics.csv") as f:
         assert val == [(int(r["step"]), float(r["val_acc"])) for r in csv.DictReader(f) if r["val_acc"]] != []
+
+
+def test_the_host_reads_the_device_only_at_log_validation_and_checkpoint_steps(tmp_path):
+    """Every read of a tensor's value by the host (.item(), .tolist(): on a GPU each waits for the device), counted
+    by optimizer step over 2 epochs of 19 steps, logging twice per epoch: reads happen only at the log steps (10, 29)
+    and the epoch ends (log, validation, checkpoint); none on the 34 steps between. AdamW's step counters live on
+    the host and are not counted."""
+    reads_log = tmp_path / "reads.json"
+    run_script("tests/fault_driver.py", "--root_dir", tmp_path, "--epochs", "2", "--log_per_epoch", "2",
+               env={"READS_LOG": str(reads_log)})
+    reads = {int(step): count for step, count in json.loads(reads_log.read_text()).items()}
+    assert set(reads) - {0} == {10, 19, 29, 38}, reads  # 0: before the first step (setup)
