@@ -159,7 +159,7 @@ def main() -> None:
     device = torch.device(args.accelerator)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak = get_available_flops(device, torch.bfloat16) if device.type == "cuda" else None
-    peak_text = f"{peak / 1e12:.0f} TFLOPS" if peak else "not in Fabric's table: no MFU"
+    peak_text = f"{peak / 1e12:.0f} TFLOPS" if peak else "unknown (not a GPU, or not in Fabric's table): no MFU"
     print(f"{time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, lightning {lightning.__version__}; "
           f"GPT of {params / 1e6:.1f}M parameters, {args.batch} x {shape['block_size']} tokens per step, {steps} "
           f"steps, {args.rounds} rounds, bf16-mixed; dense bf16 peak {peak_text}")
