@@ -112,8 +112,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             _move_into_place(tmp, path)
         except BaseException as err:
             tmp.unlink(missing_ok=True)
-            free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
-            self._failure = f"could not save checkpoint {path}: {_reason(err)} ({free / 1e6:.1f} MB free on its disk)"
+            self._failure = _save_error(path, err)
             return
         try:
             if after is not None:
@@ -169,6 +168,12 @@ def _first_error(fabric: Fabric, error: str | None) -> str | None:
     errors = [None] * fabric.world_size
     torch.distributed.all_gather_object(errors, error)
     return next((e for e in errors if e), None)
+
+
+def _save_error(path: Path, err: BaseException) -> str:
+    # torch.distributed.checkpoint's writer can lose the OSError (a short write is all it reports): say how full
+    free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+    return f"could not save checkpoint {path}: {_reason(err)} ({free / 1e6:.1f} MB free on its disk)"
 
 
 def _reason(err: BaseException) -> str:
@@ -227,9 +232,7 @@ def save_checkpoint(fabric: Fabric, ckpt_dir: Path, name: str, state: dict, keep
     # torch's writer wraps a failed write (disk full) in RuntimeError; torch.distributed.checkpoint raises its
     # CheckpointException (a BaseException) on every rank when any rank failed
     except (OSError, RuntimeError, dcp.CheckpointException) as err:
-        # torch.distributed.checkpoint's writer can lose the OSError (a short write is all it reports): say how full
-        free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.is_dir() else 0
-        error = f"could not save checkpoint {path}: {_reason(err)} ({free / 1e6:.1f} MB free on its disk)"
+        error = _save_error(path, err)
         if sharded and fabric.is_global_zero:
             shutil.rmtree(_temporary(path), ignore_errors=True)
         if not saved and not isinstance(err, dcp.CheckpointException) and fabric.world_size > 1:
