@@ -186,13 +186,30 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def validation_loss(model, val_loader) -> float:
+    """Cross-entropy per scored target over the validation set, as the template's evaluate() computes it."""
+    import torch
+    import torch.nn.functional as F
+
+    from data import IGNORE_INDEX
+
+    model.eval()
+    with torch.no_grad():
+        loss_sum, count = 0.0, 0
+        for inputs, targets in val_loader:
+            loss_sum += F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                        reduction="sum").item()
+            count += (targets != IGNORE_INDEX).sum().item()
+    model.train()
+    return loss_sum / count
+
+
 def plain(spec: dict, out: Path) -> None:
     """The loop a researcher would write by hand: no lightning imported."""
     import torch
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from data import IGNORE_INDEX
 
     model, train_set, val_set = workload_parts(spec)
     optimizer = torch.optim.AdamW(param_groups(model, spec["weight_decay"]), lr=spec["lr"][0],
@@ -223,18 +240,10 @@ def plain(spec: dict, out: Path) -> None:
                 loss_sum.zero_()
                 logged = step
             if step in val_steps:
-                model.eval()
-                with torch.no_grad():
-                    val_sum, count = 0.0, 0
-                    for inputs, targets in val_loader:
-                        logits = model(inputs).flatten(0, -2)
-                        val_sum += F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX,
-                                                   reduction="sum").item()
-                        count += (targets != IGNORE_INDEX).sum().item()
-                model.train()
-                print(f"step {step}: val loss {val_sum / count:.4f}")
-                if val_sum / count < best:
-                    best = val_sum / count
+                val = validation_loss(model, val_loader)
+                print(f"step {step}: val loss {val:.4f}")
+                if val < best:
+                    best = val
                     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, out / "best.pt")
             if step in ckpt_steps:
                 torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
@@ -299,7 +308,6 @@ def accelerate_loop(spec: dict, out: Path) -> None:
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from data import IGNORE_INDEX
 
     accelerator = Accelerator(cpu=True)
     model, train_set, val_set = workload_parts(spec)
@@ -329,18 +337,10 @@ def accelerate_loop(spec: dict, out: Path) -> None:
                 loss_sum.zero_()
                 logged = step
             if step in val_steps:
-                model.eval()
-                with torch.no_grad():
-                    val_sum, count = 0.0, 0
-                    for inputs, targets in val_loader:
-                        logits = model(inputs).flatten(0, -2)
-                        val_sum += F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE_INDEX,
-                                                   reduction="sum").item()
-                        count += (targets != IGNORE_INDEX).sum().item()
-                model.train()
-                accelerator.print(f"step {step}: val loss {val_sum / count:.4f}")
-                if val_sum / count < best:
-                    best = val_sum / count
+                val = validation_loss(model, val_loader)
+                accelerator.print(f"step {step}: val loss {val:.4f}")
+                if val < best:
+                    best = val
                     accelerator.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()},
                                      out / "best.pt")
             if step in ckpt_steps:
