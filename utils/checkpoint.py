@@ -233,6 +233,8 @@ def save_checkpoint(fabric: Fabric, ckpt_dir: Path, name: str, state: dict, keep
     # CheckpointException (a BaseException) on every rank when any rank failed
     except (OSError, RuntimeError, dcp.CheckpointException) as err:
         error = _save_error(path, err)
+        if prune is not None and not sharded:
+            fabric.strategy.checkpoint_io.after = None  # not left for the next save
         if sharded and fabric.is_global_zero:
             shutil.rmtree(_temporary(path), ignore_errors=True)
         if not saved and not isinstance(err, dcp.CheckpointException) and fabric.world_size > 1:

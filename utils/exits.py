@@ -29,9 +29,9 @@ def exit_run(status: int, loggers=(), teardown: bool = True) -> NoReturn:
             tqdm.write(f"{Path(sys.argv[0]).name}: error: {failure}", file=sys.stderr)
         status = status or 1
     close_loggers(loggers, "success" if status in (0, EXIT_PREEMPTED) else "failed")
-    if teardown and not torch.distributed.is_initialized():
-        sys.exit(status)
     if not torch.distributed.is_initialized():
+        if teardown:
+            sys.exit(status)
         atexit._run_exitfuncs()  # what sys.exit would run before the teardown
     sys.stdout.flush()
     sys.stderr.flush()
