@@ -131,9 +131,10 @@ def start(root, *args):
                             env={**os.environ, "WANDB_MODE": "offline"})
 
 
-def wait_for_checkpoint(root, proc):
+def wait_for_checkpoint(root, proc, seen=()):
+    """Waits until `proc` has written a checkpoint not in `seen`: then it is in its loop, with its signal handlers."""
     deadline = time.time() + 120
-    while not list(root.glob("*/checkpoints/*.ckpt")):
+    while not set(root.glob("*/checkpoints/*.ckpt")) - set(seen):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.05)
 
@@ -151,8 +152,9 @@ def test_one_writer_per_run_folder_and_test_py_on_a_live_run(tmp_path):
 
     live.send_signal(signal.SIGKILL)  # a killed job's lock never blocks a resume
     live.wait()
+    seen = list(root.glob("*/checkpoints/*.ckpt"))
     resumed = start(root, "--resume", run, "--epochs", "1000", "--checkpoint_frequency", "1")
-    time.sleep(1)
+    wait_for_checkpoint(root, resumed, seen)  # before that a SIGTERM would find no handler yet, and simply kill it
     evaluations = 0
     while resumed.poll() is None and evaluations < 2:  # test.py while the trainer saves every ~0.3 s
         run_script("test.py", "--out_dir", run)
