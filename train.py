@@ -282,7 +282,7 @@ def main(cfg: Config) -> None:
             # all ranks, at log, validation and checkpoint steps only (the host waits for the device nowhere else): the
             # losses since then, checked, and any rank's stop request (one process needs no vote: it stops at once)
             stop_votes = interrupt_votes = 0
-            if log_now or validate or periodic or last_step or (stop.requested and fabric.world_size == 1):
+            if log_now or validate or periodic or (stop.requested and fabric.world_size == 1):
                 losses, stop_votes, interrupt_votes = check_losses_and_votes(fabric, unsynced_losses, stop, global_step)
                 log_loss_sum, log_loss_steps = sum(losses, log_loss_sum), log_loss_steps + len(losses)
                 unsynced_losses.clear()

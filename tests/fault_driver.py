@@ -154,6 +154,8 @@ def probed_model(cfg):
 
 make_datasets, data.make_datasets = data.make_datasets, probed_datasets  # utils/datasets.py looks it up
 make_model, train.make_model, model.make_model = train.make_model, probed_model, probed_model
+
+
 class CountReads(TorchDispatchMode):
     """Counts reads of tensor values by the host, by the number of optimizer steps done when each happened."""
 
