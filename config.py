@@ -22,6 +22,7 @@ from simple_parsing.helpers import list_field
 from data import DataConfig
 from model import ModelConfig
 from utils.exits import fail
+from utils.launching import launcher_hardware
 from utils.lr_schedule import SCHEDULES
 
 LOGGERS = ("csv", "tensorboard", "wandb")
@@ -29,6 +30,8 @@ PRECISIONS = get_args(_PRECISION_INPUT_STR)
 ACCELERATORS = ("auto", "gpu", *ACCELERATOR_REGISTRY.available_accelerators())
 # strategies whose launcher re-runs this script: "ddp_spawn" and the like would need main() passed to launch()
 STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp2", "fsdp")
+MONITOR_MODES = {"val_loss": "min", "val_acc": "max"}  # the direction each monitored metric improves in
+MAX_NAME_BYTES = 255  # the longest file name on common file systems (ext4, xfs, btrfs, NFS)
 
 
 @dataclass
@@ -118,13 +121,16 @@ class Config:
     """How many of the newest checkpoints to keep (checkpoints/best.ckpt is kept apart)."""
     monitor: Literal["val_loss", "val_acc"] = "val_loss"
     """Validation metric that picks checkpoints/best.ckpt and drives early stopping."""
-    monitor_mode: Literal["min", "max"] = "min"
-    """Whether a lower (min) or higher (max) MONITOR is better."""
+    monitor_mode: str | None = None
+    """Whether a lower (min) or higher (max) MONITOR is better. Unset: the metric's own direction (loss: min,
+    accuracy: max); a mode against it is refused."""
     early_stop_patience: int = 0
-    """Stop after this many validations in a row that do not beat the best by more than EARLY_STOP_MIN_DELTA.
-    0: off."""
+    """Stop after this many validations in a row that do not beat the reference by more than EARLY_STOP_MIN_DELTA.
+    The reference is the last validation that did (as in Lightning's and Keras' EarlyStopping), so slow steady
+    progress counts. 0: off."""
     early_stop_min_delta: float = 0.0
-    """How much a validation must beat the best by to count as an improvement for early stopping."""
+    """How much a validation must beat the early-stopping reference by to count as progress (best.ckpt still
+    follows every strict improvement)."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -144,6 +150,9 @@ class Config:
              f"one or more of {', '.join(LOGGERS)}"),
             ("out_dir", self.out_dir and Path(self.out_dir).name == self.out_dir and self.out_dir not in (".", ".."),
              "a name, not a path: the run folder is ROOT_DIR/<stamp>-OUT_DIR, so put the parent folder in root_dir"),
+            ("out_dir", len(self.out_dir.encode()) <= MAX_NAME_BYTES - len("YYYYmmdd-HHMMSS-"),
+             f"a name of at most {MAX_NAME_BYTES - 16} bytes: with the time stamp before it, the run folder's name "
+             f"must fit the file system's {MAX_NAME_BYTES}"),
             ("weight_decay", self.weight_decay >= 0, "at least 0"),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("num_workers", self.num_workers >= 0, "at least 0"),
@@ -158,7 +167,10 @@ class Config:
             ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
             ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
             ("monitor", self.monitor in ("val_loss", "val_acc"), "val_loss or val_acc"),
-            ("monitor_mode", self.monitor_mode in ("min", "max"), "min or max"),
+            ("monitor_mode", self.monitor_mode in (None, "min", "max"), "min or max"),
+            ("monitor_mode", self.monitor_mode in (None, MONITOR_MODES.get(self.monitor)),
+             f"{MONITOR_MODES.get(self.monitor)}: a higher {self.monitor} is "
+             f"{'better' if MONITOR_MODES.get(self.monitor) == 'max' else 'worse'}"),
             ("early_stop_patience", self.early_stop_patience >= 0, "at least 0 (0 is off)"),
             ("early_stop_min_delta", self.early_stop_min_delta >= 0, "at least 0"),
         ]
@@ -175,6 +187,11 @@ class Config:
             raise ValueError(f"arch={self.model.arch!r} is invalid: expected {fitting_arch} for "
                              f"dataset={self.data.dataset!r}")
 
+    @property
+    def better(self) -> str:
+        """min or max: the direction in which MONITOR improves (MONITOR_MODE, else the metric's own)."""
+        return self.monitor_mode or MONITOR_MODES[self.monitor]
+
 
 def _valid_devices(devices: int | str) -> bool:
     if isinstance(devices, int):
@@ -188,21 +205,24 @@ class _Parser(simple_parsing.ArgumentParser):
         raise ValueError(message)  # parse_config turns every error into one line and exit status 2
 
 
-def make_parser(description: str | None = None) -> _Parser:
+def make_parser(description: str | None = None, defaults: Config | None = None) -> _Parser:
     parser = _Parser(allow_abbrev=False, nested_mode=simple_parsing.NestedMode.WITHOUT_ROOT, description=description)
     parser.add_argument("--config_path", type=Path, default=None, help="YAML file of settings; flags override it.")
-    parser.add_arguments(Config, dest="config")
+    parser.add_arguments(Config, dest="config", default=defaults)
     return parser
 
 
 def _as_flags(values: dict) -> list[str]:
-    """Turns {field: value} into command-line flags, so that file values get the same parsing and checks."""
+    """Turns a config file's {field: value} into flags, so that its values get the same parsing and checks. A value
+    is joined to its flag (--comment=-v2), so that one starting with '-' stays a value; null unsets the field."""
     flags = []
     for name, value in values.items():
         if isinstance(value, dict):  # data: and model: hold flags of their own
             flags += _as_flags(value)
-        elif value is not None:
-            flags += [f"--{name}", *map(str, value if isinstance(value, list) else [value])]
+        elif isinstance(value, list):
+            flags += [f"--{name}", *map(str, value)]
+        else:
+            flags.append(f"--{name}={'none' if value is None else value}")
     return flags
 
 
@@ -230,12 +250,21 @@ def _check_keys(values: dict) -> dict:
     return values
 
 
+def yaml_error(err: yaml.YAMLError) -> str:
+    """A YAML error in one line, with the line and column it points at."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{getattr(err, 'problem', None) or str(err).splitlines()[0]}"
+
+
 def read_yaml(path: Path) -> dict:
     """Reads a config file into {field: value}; an unreadable file or an unknown key is an error."""
     try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ValueError(f"cannot be read ({err.__class__.__name__}: {str(err).splitlines()[0]})") from None
+        values = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except OSError as err:
+        raise ValueError(f"cannot be read ({err.__class__.__name__}: {err.strerror})") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"cannot be read (YAML error at {yaml_error(err)})") from None
     if not isinstance(values, dict):
         raise ValueError("expected a mapping of field: value")
     if values.pop("derived", None) is not None:  # a run's config.yaml: a record of settings, not a resume
@@ -252,26 +281,72 @@ def _bare_flag(argv: list[str]) -> str | None:
     return None
 
 
+def _optional_fields() -> set[str]:
+    return {f.name for f in _all_fields() if type(None) in get_args(f.type)}
+
+
+def _take_unset(flags: list[str]) -> tuple[list[str], set[str]]:
+    """Takes `--FIELD none` (or `--FIELD=none`) out of the flags for fields that may be unset; returns the other flags
+    and the fields whose last word is none."""
+    optional, kept, unset = _optional_fields(), [], set()
+    i = 0
+    while i < len(flags):
+        name, joined, value = flags[i].removeprefix("--").partition("=")
+        if not joined and i + 1 < len(flags):
+            value = flags[i + 1]
+        if flags[i].startswith("--") and name in optional:
+            if value.lower() in ("none", "null"):
+                unset.add(name)
+                i += 1 if joined else 2
+                continue
+            unset.discard(name)
+        kept.append(flags[i])
+        i += 1
+    return kept, unset
+
+
+def _from_values(values: dict) -> Config:
+    """A Config from {field: value} with typed values (a run's record): nothing passes through the parser as text."""
+    groups = {name: group(**values.get(name, {})) for name, group in NESTED.items()}
+    return Config(**{name: value for name, value in values.items() if name not in NESTED}, **groups)
+
+
+def _unset(cfg: Config, names: set[str]) -> Config:
+    """cfg with the named fields (top-level or in a group) set to None, checked again."""
+    top = {name: None for name in names if name in {f.name for f in dataclasses.fields(Config)}}
+    groups = {group: dataclasses.replace(getattr(cfg, group), **{name: None for name in names - top.keys()
+                                                                  if hasattr(getattr(cfg, group), name)})
+              for group in NESTED}
+    return dataclasses.replace(cfg, **top, **groups) if names else cfg
+
+
 def parse_config(argv: list[str] | None = None, saved: dict | None = None, description: str | None = None) -> Config:
-    """Parses flags over --config_path over `saved` (a run's own settings) over the defaults."""
+    """Parses flags over --config_path over the hardware a launcher fixed over `saved` (a run's own settings, typed
+    values that never pass through the parser) over the defaults. `--FIELD none` unsets an optional field."""
     argv = sys.argv[1:] if argv is None else list(argv)
     bare = _bare_flag(argv)
     if bare:
         fail(f"{bare} needs a value")
-    parser = make_parser(description)
+    try:
+        defaults = _from_values({**(saved or {}), **launcher_hardware()})
+    except (TypeError, ValueError) as err:
+        fail(f"the run's recorded settings are invalid: {err}")
+    parser = make_parser(description, defaults)
     try:
         config_path = parser.parse_known_args(argv)[0].config_path
     except ValueError as err:
         fail(str(err))
-    flags = _as_flags(saved or {})
+    flags = []
     if config_path is not None:
         try:
-            flags += _as_flags(read_yaml(config_path))
-            parser.parse_args(flags)  # a bad value in the file is reported against the file
+            flags = _as_flags(read_yaml(config_path))
+            file_flags, file_unset = _take_unset(flags)
+            _unset(parser.parse_args(file_flags).config, file_unset)  # a bad value in the file is named as the file's
         except ValueError as err:
             fail(f"config_path={str(config_path)!r}: {err}")
+    flags, unset = _take_unset(flags + argv)
     try:
-        return parser.parse_args(flags + argv).config
+        return _unset(parser.parse_args(flags).config, unset)
     except ValueError as err:
         fail(str(err))
 
@@ -322,7 +397,9 @@ def _read_run_record(run_dir: Path, asked_by: str) -> tuple[dict, dict]:
     try:
         saved, derived = run_record(run_dir)
         return _check_keys(saved), derived
-    except (OSError, ValueError, yaml.YAMLError) as err:
+    except yaml.YAMLError as err:
+        fail(f"{asked_by}: the run's record cannot be read (YAML error at {yaml_error(err)})")
+    except (OSError, ValueError) as err:
         fail(f"{asked_by}: the run's record cannot be read ({str(err).splitlines()[0]})")
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 from lightning.fabric import Fabric
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
@@ -63,8 +64,17 @@ def write_text_atomically(path: Path, text: str) -> None:
     """A small text file (a record, a log, a result) written under a temporary name and renamed into place: a kill
     at any moment leaves the old file or the new one."""
     tmp = _temporary(path)
-    tmp.write_text(text, newline="")
+    tmp.write_text(text, encoding="utf-8", newline="")
     os.replace(tmp, path)
+
+
+def write_yaml_atomically(path: Path, value) -> None:
+    """A record (config.yaml, resumes.yaml, provenance.yaml) in field order, non-ASCII text kept readable."""
+    write_text_atomically(path, yaml.safe_dump(value, sort_keys=False, allow_unicode=True))
+
+
+def read_yaml_file(path: Path):
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
 def _fsync(path: Path) -> None:

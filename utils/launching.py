@@ -7,6 +7,7 @@ import warnings
 
 from lightning.fabric import Fabric
 from lightning.fabric.plugins import DoublePrecision
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -18,6 +19,22 @@ from utils.exits import fail
 # Lightning warns on every run outside srun where SLURM is installed (a login node, a laptop with the local cluster):
 # scripts/train.slurm uses srun, and a run outside it is meant to be one
 warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+
+
+def launcher_hardware() -> dict:
+    """The hardware settings that the launcher which started this process has fixed, to take the place of a run's
+    recorded ones: under `fabric run` Fabric's defaults for what it sets (it passes its own values through the
+    environment and refuses others given in code); under torchrun or a SLURM batch job the process counts."""
+    env = os.environ
+    if env.get("LT_CLI_USED"):
+        defaults = {"accelerator": "auto", "strategy": "auto", "devices": "auto", "num_nodes": 1, "precision": None}
+        return {name: value for name, value in defaults.items() if f"LT_{name.upper()}" in env}
+    if "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:  # torchrun
+        local = int(env["LOCAL_WORLD_SIZE"])
+        return {"devices": local, "num_nodes": int(env["WORLD_SIZE"]) // local}
+    if SLURMEnvironment.detect() and "SLURM_NTASKS_PER_NODE" in env:  # as Lightning decides; "2(x3)" per node
+        return {"devices": int(env["SLURM_NTASKS_PER_NODE"].split("(")[0]), "num_nodes": int(env["SLURM_NNODES"])}
+    return {}
 
 
 def make_fabric(cfg) -> Fabric:
@@ -35,6 +52,9 @@ def make_fabric(cfg) -> Fabric:
         double = cfg.precision in ("64-true", "64")
         return Fabric(**hardware, strategy=strategy, precision=None if double else cfg.precision,
                       plugins=[DoublePrecision()] if double else None)
+    except TypeError as err:  # Fabric's word for devices its accelerator does not take ("-1" or "0,1" on a CPU)
+        fail(f"devices={cfg.devices!r} is invalid for accelerator={cfg.accelerator!r}: "
+             f"{str(err).strip().splitlines()[0]}")
     except (ValueError, RuntimeError, MisconfigurationException) as err:
         fail(str(err).strip().splitlines()[0])
 

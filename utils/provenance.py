@@ -1,7 +1,8 @@
-"""What code produced a run. At each start (the first and every resume) rank 0 appends an entry to
-RUN/provenance.yaml: the command, time, host, devices, versions, and the git commit with a dirty flag. The project's
-Python files are copied to RUN/code/ at the first start; a resume whose files differ keeps its own copy beside it
-(code-<stamp>/). A dirty tree's uncommitted diff goes to RUN/code.diff (code-<stamp>.diff on a resume)."""
+"""What code produced a run. At each start (the first and every resume) rank 0 appends an entry to RUN/provenance.yaml:
+the command, time, host, devices, versions, and the git commit with a dirty flag. The project's Python files (nothing
+under any run folder or virtual environment) are copied to RUN/code/ at the first start; a resume whose files differ
+keeps its own copy beside it (code-<stamp>/). A dirty tree's uncommitted diff goes to RUN/code.diff
+(code-<stamp>.diff on a resume)."""
 
 import os
 import platform
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import lightning
 import torch
-import yaml
 
-from utils.checkpoint import write_text_atomically
+from utils.checkpoint import read_yaml_file, write_text_atomically, write_yaml_atomically
+from utils.run_dir import LOCK
 
 PROJECT = Path(__file__).resolve().parents[1]
 PROVENANCE = "provenance.yaml"
@@ -32,17 +33,28 @@ def _git(*args: str) -> str | None:
     return result.stdout if result.returncode == 0 else None
 
 
-def project_files() -> list[Path]:
-    """The project's own Python files, relative to it, but the tests: in a git checkout the tracked ones and the new
-    ones git does not ignore; elsewhere every .py outside hidden folders, virtual environments and __pycache__."""
+def _outside_the_code(folder: Path, root_dir: Path) -> bool:
+    """Whether a folder holds no project code: hidden or __pycache__, the runs' root folder, any run folder (it holds a
+    lock or a provenance record, whatever root it was made under), or a virtual environment."""
+    return (folder.name.startswith((".", "__pycache__")) or folder == root_dir or (folder / LOCK).exists()
+            or (folder / PROVENANCE).exists() or (folder / "pyvenv.cfg").exists())
+
+
+def project_files(root_dir: Path) -> list[Path]:
+    """The project's own Python files, relative to it, but the tests and anything under a folder that holds no
+    project code (see _outside_the_code): in a git checkout the tracked ones and the new ones git does not ignore;
+    elsewhere every .py. What runs exist, and whether git ignores them, changes nothing."""
+    root_dir = root_dir.resolve()
     listed = _git("ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", "*.py")
     if listed is not None:
-        found = {Path(name) for name in listed.split("\0") if name and (PROJECT / name).is_file()}
+        candidates = {Path(name) for name in listed.split("\0") if name and (PROJECT / name).is_file()}
+        folders = {folder for path in candidates for folder in path.parents if folder != Path(".")}
+        outside = {folder for folder in folders if _outside_the_code(PROJECT / folder, root_dir)}
+        found = {path for path in candidates if not outside.intersection(path.parents)}
     else:
         found = set()
         for folder, subfolders, files in os.walk(PROJECT):
-            subfolders[:] = [name for name in subfolders if not name.startswith((".", "__pycache__"))
-                             and not (Path(folder) / name / "pyvenv.cfg").exists()]
+            subfolders[:] = [name for name in subfolders if not _outside_the_code(Path(folder, name), root_dir)]
             found |= {Path(folder, name).relative_to(PROJECT) for name in files if name.endswith(".py")}
     return sorted(path for path in found if path.parts[0] != "tests")  # the test suite does not train
 
@@ -56,7 +68,7 @@ def record_provenance(run_dir: Path, world_size: int, num_nodes: int, device: to
     """Rank 0: copies the code if it is new to the run and appends this start's entry. Returns the name of a new
     copy made on a resume (None if the code is the copy's already, or at the first start)."""
     stamp = datetime.now()
-    files = project_files()
+    files = project_files(run_dir.parent)
     copies = sorted(path for path in run_dir.glob("code-*") if path.is_dir())  # the names sort by time
     latest = copies[-1] if copies else run_dir / "code"
     first_start = not (run_dir / "code").exists()
@@ -84,6 +96,6 @@ def record_provenance(run_dir: Path, world_size: int, num_nodes: int, device: to
             if new_copy or not (run_dir / entry["diff"]).exists():
                 write_text_atomically(run_dir / entry["diff"], diff)
     path = run_dir / PROVENANCE
-    entries = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
-    write_text_atomically(path, yaml.safe_dump([*entries, entry], sort_keys=False))
+    entries = (read_yaml_file(path) or []) if path.is_file() else []
+    write_yaml_atomically(path, [*entries, entry])
     return None if first_start else new_copy

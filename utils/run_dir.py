@@ -9,7 +9,6 @@ import sys
 from datetime import datetime, timedelta
 from pathlib import Path
 
-import yaml
 from lightning.fabric import Fabric
 
 from utils.checkpoint import (
@@ -19,8 +18,10 @@ from utils.checkpoint import (
     model_mismatch,
     newest_that_opens,
     read_model_weights,
+    read_yaml_file,
     run_finished,
     write_text_atomically,
+    write_yaml_atomically,
 )
 from utils.exits import fail
 
@@ -164,19 +165,19 @@ def _read(path: Path) -> str | None:
 def record_start(run_dir: Path, settings: dict, derived: dict) -> None:
     """config.yaml, written once at the run's first start: the settings in field order, then the values derived
     from them. In a SLURM batch job, also the job's id, so that a requeue finds this run."""
-    write_text_atomically(run_dir / CONFIG, yaml.safe_dump({**settings, "derived": derived}, sort_keys=False))
+    write_yaml_atomically(run_dir / CONFIG, {**settings, "derived": derived})
     if slurm_job() is not None:
         write_text_atomically(run_dir / SLURM_JOB, slurm_job() + "\n")
 
 
 def run_record(run_dir: Path) -> tuple[dict, dict]:
     """(settings, derived) in force at the run's latest start: config.yaml with every resume's changes applied."""
-    record = yaml.safe_load((run_dir / CONFIG).read_text()) or {}
+    record = read_yaml_file(run_dir / CONFIG) or {}
     if not isinstance(record, dict):
         raise ValueError(f"{run_dir / CONFIG} is not a mapping of field: value")
     derived = record.pop("derived", None) or {}
     record.pop("resume", None)  # older runs recorded it; a record is never an instruction to resume
-    resumes = yaml.safe_load((run_dir / RESUMES).read_text()) if (run_dir / RESUMES).is_file() else None
+    resumes = read_yaml_file(run_dir / RESUMES) if (run_dir / RESUMES).is_file() else None
     for entry in resumes or []:
         record.update(entry.get("changed") or {})
         derived.update(entry.get("derived_changed") or {})
@@ -198,8 +199,8 @@ def record_resume(run_dir: Path, settings: dict, derived: dict, at_step: int, ch
     if code_copy:
         entry["code"] = f"{code_copy} (the code differs from the run's earlier copy)"
     path = run_dir / RESUMES
-    entries = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
-    write_text_atomically(path, yaml.safe_dump([*entries, entry], sort_keys=False))
+    entries = (read_yaml_file(path) or []) if path.is_file() else []
+    write_yaml_atomically(path, [*entries, entry])
 
 
 def load_weights_for_reading(fabric: Fabric, run_dir: Path, choice: str | None, model) -> Path:
