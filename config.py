@@ -333,7 +333,7 @@ def parse_config(argv: list[str] | None = None, saved: dict | None = None, descr
         fail(f"the run's recorded settings are invalid: {err}")
     parser = make_parser(description, defaults)
     try:
-        config_path = parser.parse_known_args(argv)[0].config_path
+        config_path = parser.parse_known_args(_take_unset(argv)[0])[0].config_path
     except ValueError as err:
         fail(str(err))
     flags = []

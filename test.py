@@ -4,9 +4,12 @@
     python test.py --out_dir RUN --checkpoint last                # default: best (checkpoints/best.ckpt) if any
     python test.py --out_dir RUN --checkpoint RUN/checkpoints/epoch-0010-step-00000190.ckpt
     python test.py --out_dir RUN --accelerator cpu --devices 2    # any train.py flag overrides the run's config
+    python test.py --out_dir RUN --results_dir elsewhere/         # a run folder you cannot write to
 
-It only reads the run: safe while the run is still training. Every test sample is counted exactly once on any
-number of devices (no sampler padding), and each device forwards at most the run's training micro-batch.
+It only reads the run (its results aside): safe while the run is still training. A checkpoint from outside the run
+writes its results to RUN/evaluations/<its run>-<its name>/, not over the run's own. Every test sample is counted
+exactly once on any number of devices (no sampler padding), and each device forwards at most the run's training
+micro-batch.
 """
 
 import argparse
@@ -18,13 +21,13 @@ from torch.utils.data import DataLoader
 from config import load_run_config
 from model import make_model
 from train import evaluate
-from utils.checkpoint import write_text_atomically
+from utils.checkpoint import checkpoint_step, write_text_atomically
 from utils.console import print0
 from utils.datasets import load_datasets
-from utils.exits import exit_run
+from utils.exits import exit_run, fail
 from utils.launching import launch, make_fabric
 from utils.report import write_report
-from utils.run_dir import load_weights_for_reading
+from utils.run_dir import cannot_write, load_weights_for_reading
 from utils.samplers import ShardSampler
 
 
@@ -36,8 +39,15 @@ def main() -> None:
     parser.add_argument("--checkpoint", default=None,
                         help="best (checkpoints/best.ckpt), last (the newest that opens) or a file; "
                              "default: best if the run has one, else last.")
+    parser.add_argument("--results_dir", type=Path, default=None,
+                        help="Where test_metrics.json and report.png go; default: the run folder (for a checkpoint "
+                             "from outside it, RUN/evaluations/<its run>-<its name>/).")
     args, rest = parser.parse_known_args()
     cfg, derived = load_run_config(args.out_dir, rest, description=__doc__)
+    results_dir = args.results_dir or results_folder(args.out_dir, args.checkpoint)
+    if unwritable := cannot_write(results_dir):  # said now, not after the evaluation
+        fail(f"results_dir={str(results_dir)!r} cannot be written ({unwritable}): pass --results_dir DIR to write "
+             f"test_metrics.json and report.png elsewhere")
 
     # -- setup and data ------------------------------------------------------------------------------------------
     fabric = make_fabric(cfg)
@@ -54,17 +64,29 @@ def main() -> None:
     model = fabric.setup_module(model)
 
     # -- evaluate (all ranks) and report (rank 0) ----------------------------------------------------------------
-    metrics = {"checkpoint": str(checkpoint), **evaluate(fabric, model, loader, confusion=True)}
+    metrics = {"checkpoint": str(checkpoint), "checkpoint_step": checkpoint_step(checkpoint),
+               **evaluate(fabric, model, loader, confusion=True)}
     confusion = metrics.pop("confusion", None)  # classification runs only
     targets = f" ({metrics['targets']} targets)" if metrics["targets"] != metrics["samples"] else ""
     print0(f"test loss {metrics['loss']:.4f}, test acc {metrics['acc']:.4f} "
            f"on {metrics['samples']} samples{targets} ({checkpoint})")
     if fabric.is_global_zero:
-        write_text_atomically(args.out_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
+        results_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(results_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
+        print0(f"metrics: {results_dir / 'test_metrics.json'}")
         if (args.out_dir / "logs" / "csv" / "metrics.csv").is_file():
-            print0(f"report: {write_report(args.out_dir, derived['steps_per_epoch'], metrics, confusion)}")
+            print0(f"report: {write_report(args.out_dir, results_dir, derived, metrics, confusion)}")
         else:
             print0(f"no report: {args.out_dir} has no csv log (it trained without the csv logger)")
+
+
+def results_folder(run_dir: Path, choice: str | None) -> Path:
+    """The run folder, or for a checkpoint from outside it a folder of its own in the run's evaluations/."""
+    if choice in (None, "best", "last") or run_dir.resolve() in Path(choice).resolve().parents:
+        return run_dir
+    checkpoint = Path(choice).resolve()
+    owner = checkpoint.parent.parent.name if checkpoint.parent.name == "checkpoints" else checkpoint.parent.name
+    return run_dir / "evaluations" / f"{owner}-{checkpoint.stem}"
 
 
 if __name__ == "__main__":

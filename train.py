@@ -45,6 +45,7 @@ from utils.checkpoint import (
 from utils.compile_check import check_compiled_model
 from utils.console import print0, progress_bar
 from utils.datasets import load_datasets
+from utils.early_stopping import follow_validation
 from utils.exits import exit_run, fail
 from utils.launching import launch, make_fabric
 from utils.loggers import close_loggers, is_log_step, log_hyperparams, make_loggers
@@ -52,9 +53,9 @@ from utils.loss_check import check_losses_and_votes
 from utils.lr_schedule import lr_at
 from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
 from utils.provenance import record_provenance
-from utils.resume import resume_state
+from utils.resume import resume_changes, resume_state
 from utils.rng import gather_rng
-from utils.run_dir import claim_run_dir, record_resume, record_start
+from utils.run_dir import check_writable, claim_run_dir, record_resume, record_start
 from utils.samplers import ResumableShuffleSampler, ShardSampler
 from utils.throughput import Speed
 
@@ -162,6 +163,7 @@ def main(cfg: Config) -> None:
     lr = scaled_lr(cfg.base_lr, cfg.eff_batch_size, cfg.base_batch_size, cfg.lr_scaling_rule)
     launch(fabric)
     cfg = fabric.broadcast(cfg)  # all ranks: rank 0's settings, and the run its --resume chose
+    check_writable(fabric, cfg)  # all ranks: a run folder that cannot be written fails now, not after setup
     stop = StopRequest()  # SIGTERM, SIGUSR1, Ctrl-C only set a flag; the loop saves and exits (utils/preemption.py)
     # each rank draws its own dropout masks (the initial weights are the same everywhere: see setup_model)
     fabric.seed_everything(cfg.seed + fabric.global_rank, verbose=False)
@@ -192,7 +194,7 @@ def main(cfg: Config) -> None:
     # -- checkpointed state: fabric.save / fabric.load convert the model and optimizer to state_dicts ----------
     state = {"model": model, "optimizer": optimizer, "global_step": 0, "epoch": 0, "config": {},
              "world_size": fabric.world_size, "log_loss_sum": 0.0, "log_loss_steps": 0, "finished": False,
-             "best_value": None, "best_step": None, "bad_validations": 0}
+             "best_value": None, "best_step": None, "stop_reference": None, "bad_validations": 0}
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the loss scale must survive too
     if scaler is not None:
         state["scaler"] = scaler
@@ -201,7 +203,8 @@ def main(cfg: Config) -> None:
     resumed_from = resume_state(fabric, cfg, ckpt_dir, resume_file, state, batches) if resumed else None
     start_step = state["global_step"]
     if resumed and start_step >= total_steps:
-        print0(f"run {run_dir} finished at step {start_step}; nothing to train: raise --epochs to train on")
+        extend = "--max_steps (or unset it, --max_steps none, to train by --epochs)" if cfg.max_steps else "--epochs"
+        print0(f"run {run_dir} finished at step {start_step}; nothing to train: raise {extend} to train on")
         exit_run(0)
     if resumed and cfg.early_stop_patience and state["bad_validations"] >= cfg.early_stop_patience:
         print0(f"run {run_dir} stopped early at step {start_step}; nothing to train: raise --early_stop_patience "
@@ -219,6 +222,8 @@ def main(cfg: Config) -> None:
     if fabric.is_global_zero:  # and the code that runs: provenance.yaml, a copy in code/ (see utils/provenance.py)
         code_copy = record_provenance(run_dir, fabric.world_size, cfg.num_nodes, fabric.device)
         if resumed:
+            for change in resume_changes(run_dir, settings, derived, start_step):  # one line each
+                print0(change)
             record_resume(run_dir, settings, derived, start_step, resumed_from, abandoned, code_copy)
         else:
             record_start(run_dir, settings, derived)
@@ -236,7 +241,8 @@ def main(cfg: Config) -> None:
     # -- training loop -------------------------------------------------------------------------------------------
     global_step = start_step
     log_loss_sum, log_loss_steps = state["log_loss_sum"], state["log_loss_steps"]  # carried across a resume
-    best_value, bad_validations = state["best_value"], state["bad_validations"]  # best.ckpt and early stopping
+    best_value, stop_reference, bad_validations = state["best_value"], state["stop_reference"], \
+        state["bad_validations"]  # best.ckpt, and early stopping's reference (utils/early_stopping.py)
     window_start, window_steps = time.perf_counter(), 0  # throughput: training time of this process only
     unsynced_losses = []  # this rank's loss of each step since the last log, validation or checkpoint step
     stop_early = False
@@ -302,15 +308,14 @@ def main(cfg: Config) -> None:
             improved = False
             if validate:
                 val = evaluate(fabric, model, val_loader)  # all ranks: every rank gets the same all-reduced values
-                metrics |= {"val_loss": val["loss"], "val_acc": val["acc"], "epoch": global_step / steps_per_epoch}
-                print0(f"step {global_step} (epoch {global_step / steps_per_epoch:.2f}): val loss {val['loss']:.4f}, "
-                       f"val acc {val['acc']:.4f}")
-                value = val[cfg.monitor.removeprefix("val_")]
-                gain = (best_value - value if cfg.monitor_mode == "min" else value - best_value) \
-                    if best_value is not None else math.inf
-                improved = gain > 0  # best.ckpt follows every strict improvement
-                bad_validations = 0 if gain > cfg.early_stop_min_delta else bad_validations + 1
-                best_value = value if improved else best_value
+                metrics |= {"val_loss": val["loss"], "val_acc": val["acc"]}
+                if total_steps >= steps_per_epoch:  # epochs mean something only in a run that covers one
+                    metrics["epoch"] = global_step / steps_per_epoch
+                where = f" (epoch {metrics['epoch']:.2f})" if "epoch" in metrics else ""
+                print0(f"step {global_step}{where}: val loss {val['loss']:.4f}, val acc {val['acc']:.4f}")
+                improved, best_value, stop_reference, bad_validations = follow_validation(
+                    val[cfg.monitor.removeprefix("val_")], cfg.better, best_value, stop_reference, bad_validations,
+                    cfg.early_stop_min_delta)
                 stop_early = cfg.early_stop_patience > 0 and bad_validations >= cfg.early_stop_patience
                 if stop_early:
                     metrics["stopped_early"] = 1
@@ -324,7 +329,7 @@ def main(cfg: Config) -> None:
                              config=settings, world_size=fabric.world_size, log_loss_sum=log_loss_sum,
                              log_loss_steps=log_loss_steps, finished=last_step or stop_early, best_value=best_value,
                              best_step=global_step if improved else state["best_step"],
-                             bad_validations=bad_validations)
+                             stop_reference=stop_reference, bad_validations=bad_validations)
                 try:  # each save copies the state and returns; the file is written and fsynced in the background
                     if improved:
                         save_checkpoint(fabric, ckpt_dir, BEST, state)
@@ -342,7 +347,7 @@ def main(cfg: Config) -> None:
                        file=sys.stderr)
                 exit_run(EXIT_INTERRUPTED if interrupt_votes else EXIT_PREEMPTED, fabric.loggers)
             if stop_early:
-                print0(f"early stop at step {global_step}: {cfg.monitor} gained no more than "
+                print0(f"early stop at step {global_step}: {cfg.monitor} beat {stop_reference:.4f} by no more than "
                        f"{cfg.early_stop_min_delta} in {cfg.early_stop_patience} validation(s) in a row "
                        f"(best {best_value:.4f} at step {state['best_step']}); saved {path}")
             if last_step or stop_early:

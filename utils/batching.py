@@ -17,8 +17,10 @@ class BatchPlan:
 def plan_batches(eff_batch_size: int, world_size: int, micro_batch_size: int | None) -> BatchPlan:
     """per_device * world_size * accum_steps == eff_batch_size, exactly, with the fewest accumulation steps."""
     if eff_batch_size % world_size:
+        below = eff_batch_size // world_size * world_size
+        nearest = " or ".join(str(size) for size in (below, below + world_size) if size > 0)
         raise ValueError(f"eff_batch_size={eff_batch_size} cannot be split evenly over {world_size} processes "
-                         f"(devices x num_nodes)")
+                         f"(devices x num_nodes): the nearest that can is {nearest}")
     per_device = eff_batch_size // world_size
     cap = micro_batch_size or per_device
     accum_steps = next(k for k in range(1, per_device + 1) if per_device % k == 0 and per_device // k <= cap)

@@ -291,6 +291,20 @@ def open_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
+def check_template_checkpoint(contents) -> None:
+    """Raises unless an opened checkpoint is one this template wrote (a plain state_dict given a checkpoint's name is
+    not)."""
+    missing = [key for key in ("global_step", "config") if not isinstance(contents, dict) or key not in contents]
+    if missing:
+        raise CheckpointError(f"not a checkpoint of this template (no {missing[0]!r}; a plain state_dict?)")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a checkpoint was saved at; None for plain weights."""
+    contents = open_checkpoint(path)
+    return contents.get("global_step") if isinstance(contents, dict) else None
+
+
 def run_finished(state: dict) -> bool:
     """Whether the checkpoint ends its run. Checkpoints without the flag (older runs) end it at the last epoch."""
     return bool(state.get("finished", state.get("epoch", 0) >= state.get("config", {}).get("epochs", math.inf)))
@@ -301,7 +315,9 @@ def newest_that_opens(ckpt_dir: Path, move_aside: bool, report: bool = True) -> 
     move_aside (the run's own writer only), renamed to *.corrupt."""
     for path in reversed(list_checkpoints(ckpt_dir)):
         try:
-            return path, open_checkpoint(path)
+            contents = open_checkpoint(path)
+            check_template_checkpoint(contents)
+            return path, contents
         except Exception as err:
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
             if move_aside:
@@ -377,11 +393,16 @@ def pick_checkpoint(fabric: Fabric, ckpt_dir: Path, named: Path | None, read_onl
     checkpoints that do not open aside; a reader (test.py) changes nothing."""
     if named is not None:
         try:
-            open_checkpoint(named)
+            contents = open_checkpoint(named)
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint {named} does not exist") from None
         except Exception as err:
             raise CheckpointError(f"checkpoint {named} does not open ({type(err).__name__})") from None
+        if not read_only:  # a reader also takes plain weights; a resume needs the whole state
+            try:
+                check_template_checkpoint(contents)
+            except CheckpointError as err:
+                raise CheckpointError(f"checkpoint {named} is {err}") from None
         return named
     picked = None
     if fabric.is_global_zero:
@@ -441,19 +462,37 @@ def move_newer_aside(ckpt_dir: Path, resumed_from: Path) -> Path | None:
 
 def load_model_weights(model: torch.nn.Module, path: str) -> str:
     """init_from: model weights only (weights_only loading), from a template checkpoint (a file or a folder of
-    shards) or a plain state_dict. Missing and unexpected keys are allowed and reported; a shape that does not fit
-    raises CheckpointError."""
+    shards) or a plain state_dict, also wrapped as Lightning saves it (under 'state_dict') or as DDP names it (keys
+    prefixed 'module.'). Missing and unexpected keys are allowed and reported; a shape that does not fit, or a file
+    that loads none of the model's tensors, raises CheckpointError."""
     try:
         weights = read_model_weights(Path(path))
     except FileNotFoundError:
         raise CheckpointError(": no such file") from None
     except Exception as err:
         raise CheckpointError(f" does not open ({type(err).__name__})") from None
-    own = model.state_dict()
+    own, unwrapped = model.state_dict(), []
+    if isinstance(weights.get("state_dict"), dict):
+        weights, unwrapped = weights["state_dict"], ["the 'state_dict' entry"]
+    weights = {key: value for key, value in weights.items() if isinstance(value, torch.Tensor)}
+    # DDP's wrapper, a LightningModule's `model` attribute, torch.compile's wrapper
+    for prefix in ("module.", "model.", COMPILED):
+        if weights and all(key.startswith(prefix) for key in weights) and not any(k.startswith(prefix) for k in own):
+            weights = {key.removeprefix(prefix): value for key, value in weights.items()}
+            unwrapped.append(f"the {prefix!r} prefix")
     shared = [key for key in weights if key in own]
+    if not shared:
+        raise CheckpointError(f" loads none of the model's {len(own)} tensors: its keys ({_first_keys(weights)}) "
+                              f"match none of the model's ({_first_keys(own)})")
     mismatch = model_mismatch({k: weights[k] for k in shared}, {k: own[k] for k in shared})
     if mismatch:
         raise CheckpointError(f" does not fit the model: {mismatch}")
     result = model.load_state_dict(weights, strict=False)
-    return (f"init_from {path}: {len(shared)} tensors loaded; missing keys: {result.missing_keys or 'none'}; "
-            f"unexpected keys: {result.unexpected_keys or 'none'}")
+    return (f"init_from {path}: {len(shared)} of the model's {len(own)} tensors loaded"
+            f"{' (unwrapped ' + ' and '.join(unwrapped) + ')' if unwrapped else ''}; missing keys: "
+            f"{result.missing_keys or 'none'}; unexpected keys: {result.unexpected_keys or 'none'}")
+
+
+def _first_keys(state: dict, count: int = 3) -> str:
+    keys = list(state)
+    return ", ".join(map(repr, keys[:count])) + (", ..." if len(keys) > count else "") if keys else "none"

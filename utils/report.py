@@ -1,5 +1,6 @@
 """RUN/report.png, drawn by test.py: training and validation loss, the validation accuracy, the learning rate against
-the optimizer step (epochs on the top axis), and for a classification run the test confusion matrix. Everything
+the optimizer step (epochs on the top axis), and for a classification run the test confusion matrix; its title names
+the checkpoint and its step. Everything
 comes from logs/csv/metrics.csv, which a resume continues, so a resumed run shows one curve."""
 
 import csv
@@ -21,8 +22,10 @@ def read_series(metrics_csv: Path) -> dict[str, tuple[list[int], list[float]]]:
     return series
 
 
-def write_report(run_dir: Path, steps_per_epoch: int, test: dict, confusion: list[list[int]] | None) -> Path:
-    """Draws the report from the run's csv log and test.py's metrics; returns its path."""
+def write_report(run_dir: Path, results_dir: Path, derived: dict, test: dict,
+                 confusion: list[list[int]] | None) -> Path:
+    """Draws the report from the run's csv log and test.py's metrics into results_dir; returns its path. Epochs get
+    an axis only in a run that covers one (a step-based run over part of an epoch has none)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -35,13 +38,18 @@ def write_report(run_dir: Path, steps_per_epoch: int, test: dict, confusion: lis
         axes = axes.flatten()
     else:
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), layout="constrained")
-    fig.suptitle(f"{run_dir.name}: test loss {test['loss']:.4f}, test accuracy {test['acc']:.4f}", fontsize=12)
+    step = f" at step {test['checkpoint_step']}" if test.get("checkpoint_step") is not None else ""
+    fig.suptitle(f"{run_dir.name}: test loss {test['loss']:.4f}, test accuracy {test['acc']:.4f}\n"
+                 f"checkpoint {Path(test['checkpoint']).name}{step}", fontsize=12)
+    steps_per_epoch = derived["steps_per_epoch"]
+    show_epochs = derived.get("total_steps", steps_per_epoch) >= steps_per_epoch
 
     def by_step(ax, title: str, ylabel: str) -> None:
         ax.set(title=title, xlabel="optimizer step", ylabel=ylabel)
         ax.grid(alpha=0.3)
-        top = ax.secondary_xaxis("top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch))
-        top.set_xlabel("epoch")
+        if show_epochs:
+            top = ax.secondary_xaxis("top", functions=(lambda s: s / steps_per_epoch, lambda e: e * steps_per_epoch))
+            top.set_xlabel("epoch")
 
     loss_ax, acc_ax, lr_ax = axes[:3]
     for name, label, style in (("train_loss", "training", "-"), ("val_loss", "validation", "o-")):
@@ -74,7 +82,7 @@ def write_report(run_dir: Path, steps_per_epoch: int, test: dict, confusion: lis
                     ax.text(predicted, true, count, ha="center", va="center", fontsize=7,
                             color="white" if count > max(map(max, confusion)) / 2 else "black")
         fig.colorbar(image, ax=ax, shrink=0.8)
-    path = run_dir / REPORT
+    path = results_dir / REPORT
     tmp = path.with_name(f".{REPORT}.tmp")
     fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)

@@ -5,10 +5,24 @@ from pathlib import Path
 from lightning.fabric import Fabric
 
 from utils.batching import BatchPlan
-from utils.checkpoint import CheckpointError, load_checkpoint, model_mismatch, pick_checkpoint, read_model_weights
+from utils.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_mismatch,
+    open_checkpoint,
+    pick_checkpoint,
+    read_model_weights,
+)
 from utils.console import print0
 from utils.exits import fail
+from utils.lr_schedule import lr_at
 from utils.rng import restore_rng
+from utils.run_dir import run_record
+
+# state entries newer than some checkpoints: each starts from the entry that stood for it before
+ADDED_LATER = {"stop_reference": "best_value"}  # early stopping's reference used to be the best value
+# state entries a checkpoint may lack, that start fresh
+FRESH_IF_ABSENT = {"scaler": "the loss scale of 16-mixed starts fresh (the run trained at another precision)"}
 
 
 def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state: dict,
@@ -24,7 +38,18 @@ def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state:
     mismatch = model_mismatch(read_model_weights(path, shapes_only=True), state["model"].state_dict())
     if mismatch:
         fail(f"checkpoint {path} does not fit the model: {mismatch}")
+    saved = set(open_checkpoint(path)) | ({"model", "optimizer"} if path.is_dir() else set())  # shards hold those
+    stand_ins = {key: other for key, other in ADDED_LATER.items() if key in state and key not in saved}
+    fresh = [key for key in FRESH_IF_ABSENT if key in state and key not in saved]
+    missing = sorted(state.keys() - saved - stand_ins.keys() - set(fresh))
+    if missing:
+        fail(f"checkpoint {path} has no {missing[0]!r}, which this run's state holds (added to `state` after it was "
+             f"saved): give it a value for older checkpoints in train.py, or resume from a newer checkpoint")
+    kept = {key: state.pop(key) for key in [*stand_ins, *fresh]}
     rng = load_checkpoint(fabric, path, state)["rng"]  # a file or a folder of shards, into any strategy
+    state.update({key: state[other] for key, other in stand_ins.items()}, **{key: kept[key] for key in fresh})
+    for key in fresh:
+        print0(f"checkpoint {path.name} has no {key}: {FRESH_IF_ABSENT[key]}")
     for name in ("eff_batch_size", "seed"):  # a new batch size or seed would change the epoch in progress
         if state["config"][name] != getattr(cfg, name):
             fail(f"{name}={getattr(cfg, name)} differs from the checkpoint's {state['config'][name]}: "
@@ -40,3 +65,27 @@ def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state:
                f"{batches.per_device} samples per device, {batches.accum_steps} accumulation steps; "
                f"random states start afresh")
     return path
+
+
+def resume_changes(run_dir: Path, settings: dict, derived: dict, start_step: int) -> list[str]:
+    """One line per setting this resume changes against the run's record, and what the learning rate does next when
+    its schedule changed (extending a finished cosine run sends it back up, for one)."""
+    before, derived_before = run_record(run_dir)
+
+    def flat(values: dict) -> dict:  # the data: and model: groups' settings by their own names
+        return {k: v for name, value in values.items() for k, v in (flat(value) if isinstance(value, dict)
+                                                                    else {name: value}).items()}
+
+    old, new = flat(before), flat(settings)
+    lines = [f"resume changes {name}: {old.get(name)!r} -> {value!r}" for name, value in new.items()
+             if old.get(name) != value]
+    schedule = ("lr", "warmup_steps", "total_steps", "lr_schedule", "min_lr_ratio")
+    was, now = {**old, **derived_before}, {**new, **derived}
+    if any(was.get(name, now[name]) != now[name] for name in schedule):
+        def lr(values: dict, step: int) -> float:
+            return lr_at(step, *(values.get(name, now[name]) for name in schedule))
+
+        lines.append(f"learning rate: {lr(was, start_step):.3g} at step {start_step} under the run's schedule until "
+                     f"now; {lr(now, start_step + 1):.3g} at step {start_step + 1}, then {now['lr_schedule']} to "
+                     f"{lr(now, now['total_steps']):.3g} at step {now['total_steps']}")
+    return lines

@@ -1,11 +1,13 @@
 """Run folders: ROOT_DIR/<YYYYmmdd-HHMMSS>-OUT_DIR, one per run with one writer at a time; which run --resume
 continues; and the run's record: config.yaml from its first start, resumes.yaml with what each resume changed."""
 
+import errno
 import fcntl
 import os
 import re
 import socket
 import sys
+import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -103,6 +105,35 @@ def claim_run_dir(fabric: Fabric, cfg) -> tuple[Path, Path | None]:
     if error:
         fail(error)
     return fabric.broadcast(claimed)  # all ranks
+
+
+def cannot_write(folder: Path) -> str | None:
+    """Why nothing can be written in `folder` or, where it does not exist yet, made in the nearest folder above it
+    that does (a read-only disk, a path under /proc, a file in the way); None if it can. Tried with a temporary
+    folder, made and removed."""
+    folder = folder.absolute()
+    existing = next(path for path in [folder, *folder.parents] if path.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+        tempfile.TemporaryDirectory(dir=existing, prefix=".write-check-").cleanup()
+    except OSError as err:
+        return f"{existing}: {err.strerror or err}"
+    return None
+
+
+def check_writable(fabric: Fabric, cfg) -> None:
+    """All ranks, before any setup: a one-line error if global rank 0 cannot write where the run goes (the resumed
+    run's folder, else ROOT_DIR)."""
+    error = None
+    if fabric.is_global_zero:
+        run_dir, _ = find_resume_target(cfg.resume, cfg.root_dir, cfg.out_dir)
+        if reason := cannot_write(run_dir or Path(cfg.root_dir)):
+            field = f"resume={cfg.resume!r}" if run_dir else f"root_dir={cfg.root_dir!r}"
+            error = f"{field} cannot be written ({reason})"
+    error = fabric.broadcast(error)  # all ranks
+    if error:
+        fail(error)
 
 
 # -- which run --resume continues --------------------------------------------------------------------------------------
