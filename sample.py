@@ -8,15 +8,16 @@ It only reads the run, on one device: safe while the run is still training.
 """
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
-from lightning.fabric import Fabric
 
 from config import load_run_config
 from data import vocabulary
 from model import make_model
 from utils.exits import exit_run, fail
+from utils.launching import make_fabric
 from utils.run_dir import load_weights_for_reading
 
 
@@ -48,7 +49,8 @@ def main() -> None:
     parser.add_argument("--top_k", type=int, default=200, help="Draw only from the K most likely characters.")
     parser.add_argument("--seed", type=int, default=1337, help="Seed of the draws.")
     args, rest = parser.parse_known_args()
-    for name, ok, expected in [("max_new_tokens", args.max_new_tokens > 0, "positive"),
+    for name, ok, expected in [("prompt", args.prompt != "", "at least one character (the model continues it)"),
+                               ("max_new_tokens", args.max_new_tokens > 0, "positive"),
                                ("temperature", args.temperature > 0, "positive"),
                                ("top_k", args.top_k > 0, "positive")]:
         if not ok:
@@ -63,7 +65,7 @@ def main() -> None:
         fail(f"prompt={args.prompt!r} is invalid: {unknown[0]!r} is not in the run's vocabulary")
 
     # -- model and checkpoint, on one device ---------------------------------------------------------------------
-    fabric = Fabric(accelerator=cfg.accelerator, devices=1, precision=cfg.precision)
+    fabric = make_fabric(dataclasses.replace(cfg, devices=1, num_nodes=1, strategy="auto"))
     model = make_model(cfg)
     load_weights_for_reading(fabric, args.out_dir, args.checkpoint, model)  # a file or shards
     model = fabric.setup_module(model).eval()

@@ -41,14 +41,16 @@ if [ "${1:-start}" = "install" ]; then
     exit 0
 fi
 
-if sinfo -h -o %t 2>/dev/null | grep -qx idle; then
+# the CPUs this machine gives us: nproc alone follows OMP_NUM_THREADS (1 on many clusters and in benchmarks), and a
+# 1-CPU node would leave a 2-task job pending for ever
+cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+if sinfo -h -o %t 2>/dev/null | grep -qx idle && [ "$(sinfo -h -o %c)" = "$cpus" ]; then
     echo "local SLURM already up: $(sinfo -h -o '%N %c CPUs %t')"
     exit 0
 fi
-stop  # a half-started earlier attempt
+stop  # a half-started earlier attempt, or a node of another size
 
 host=$(hostname -s)
-cpus=$(nproc)
 memory=$(awk '/MemTotal/ {print int($2 / 1024 * 0.9)}' /proc/meminfo)
 $SUDO mkdir -p "$STATE/spool" "$STATE/ctld" /etc/slurm /run/munge
 $SUDO tee "$CONF" >/dev/null <<EOF

@@ -77,6 +77,9 @@ BAD_FLAGS = [
     (["--beta2", "-0.1"], "beta2=-0.1"),
     (["--monitor", "val_f1"], "'val_f1'"),
     (["--monitor_mode", "up"], "'up'"),
+    (["--monitor", "val_acc", "--monitor_mode", "min"], "monitor_mode='min' is invalid: expected max: a higher"),
+    (["--monitor_mode", "max"], "monitor_mode='max' is invalid: expected min: a higher val_loss is worse"),
+    (["--out_dir", "x" * 240], "expected a name of at most 239 bytes"),
     (["--max_steps", "0"], "max_steps=0"),
     (["--early_stop_patience", "-1"], "early_stop_patience=-1"),
     (["--early_stop_min_delta", "-0.1"], "early_stop_min_delta=-0.1"),
@@ -112,6 +115,7 @@ BAD_FILES = [
     ("logger_name: [csv, mlflow]\n", "'mlflow'"),  # choices are checked for file values too
     ("- just\n- a list\n", "mapping"),
     ("epochs: [unclosed\n", "cannot be read"),
+    ("epochs: 3\n  base_lr: 0.1\n", "YAML error at line 2, column 10: mapping values are not allowed here"),
     ("n_layer: 2\n", "unknown key 'n_layer' (it belongs under model:)"),
     ("model:\n  n_layers: 2\n", "unknown key 'n_layers' under 'model'"),
     ("model: gpt\n", "'model' must be a mapping"),
@@ -138,13 +142,16 @@ def test_missing_config_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,needle", [
     (["--precision", "fp8"], "precision='fp8'"),
-    (["--devices", "2", "--eff_batch_size", "63"], "eff_batch_size=63"),  # cannot be split over 2 processes
+    (["--devices", "2", "--eff_batch_size", "63"], "the nearest that can is 62 or 64"),  # not over 2 processes
+    (["--devices", "-1"], "devices=-1 is invalid for accelerator='cpu'"),  # Fabric takes these on GPUs only
+    (["--devices", "0,1"], "devices='0,1' is invalid for accelerator='cpu'"),
+    (["--root_dir", "/proc/no/runs"], "root_dir='/proc/no/runs' cannot be written (/proc: "),
     (["--eff_batch_size", "4096"], "eff_batch_size=4096"),  # larger than the training set
     (["--resume", "no/such/run"], "resume='no/such/run'"),
     (["--init_from", "no/such/weights.pt"], "init_from='no/such/weights.pt': no such file"),
 ])
 def test_train_refuses_bad_input_and_writes_nothing(root, args, needle):
-    result = run_script("train.py", "--root_dir", root, "--accelerator", "cpu", *args, check_rc=2)
+    result = run_script("train.py", "--root_dir", root, "--accelerator", "cpu", *args, check_rc=2, timeout=60)
     assert_one_error_line(result, needle)
     assert list(root.iterdir()) == []
     assert "Starting with 2 processes" not in result.stderr + result.stdout  # refused before any process starts
@@ -154,3 +161,44 @@ def test_test_py_refuses_a_folder_that_is_not_a_run(tmp_path):
     result = run_script("test.py", "--out_dir", tmp_path, check_rc=2)
     assert_one_error_line(result, f"out_dir='{tmp_path}'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_monitor_mode_follows_the_metric():
+    assert (parse_config([]).better, parse_config(["--monitor", "val_acc"]).better) == ("min", "max")
+    assert parse_config(["--monitor", "val_acc", "--monitor_mode", "max"]).better == "max"
+
+
+def test_a_runs_record_is_typed_and_never_parsed_as_text():
+    """A value a run accepted is one it reads back: a comment starting with '-' (the parser would take it for a
+    flag), non-ASCII text, devices as a string."""
+    saved = {"comment": "-v2 \u6e29\u5ea6", "devices": "0,1", "epochs": 3, "model": {"n_layer": 2}}
+    cfg = parse_config(["--epochs", "4"], saved=saved)
+    assert (cfg.comment, cfg.devices, cfg.epochs, cfg.model.n_layer) == ("-v2 \u6e29\u5ea6", "0,1", 4, 2)
+    assert parse_config(["--comment=-v3"], saved=saved).comment == "-v3"
+
+
+@pytest.mark.parametrize("unset", [["--max_steps", "none"], ["--max_steps=None"], ["--config_path", "FILE"]])
+def test_none_unsets_an_optional_setting_over_the_record_and_a_file(tmp_path, unset):
+    path = tmp_path / "c.yaml"
+    path.write_text("max_steps: null\n")
+    unset = [str(path) if arg == "FILE" else arg for arg in unset]
+    saved = {"max_steps": 25, "grad_clip": 1.0}
+    cfg = parse_config([*unset, "--grad_clip", "none"], saved=saved)
+    assert (cfg.max_steps, cfg.grad_clip) == (None, None)
+    assert parse_config(["--max_steps", "none", "--max_steps", "7"], saved=saved).max_steps == 7  # the last word wins
+
+
+def test_hardware_of_a_record_yields_to_the_launcher(monkeypatch):
+    saved = {"accelerator": "cpu", "devices": 1, "precision": "64-true", "epochs": 3}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun --nnodes 2 --nproc_per_node 2
+    cfg = parse_config([], saved=saved)
+    assert (cfg.devices, cfg.num_nodes, cfg.accelerator, cfg.precision) == (2, 2, "cpu", "64-true")
+    assert parse_config(["--devices", "1"], saved=saved).devices == 1  # given on this command: launch() refuses it
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name)
+    for name, value in {"LT_CLI_USED": "1", "LT_ACCELERATOR": "cpu", "LT_DEVICES": "2", "LT_NUM_NODES": "1",
+                        "LT_PRECISION": "bf16-mixed"}.items():
+        monkeypatch.setenv(name, value)  # fabric run: Fabric reads these and refuses other values given in code
+    cfg = parse_config([], saved=saved)
+    assert (cfg.accelerator, cfg.devices, cfg.num_nodes, cfg.precision, cfg.epochs) == ("auto", "auto", 1, None, 3)

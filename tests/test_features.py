@@ -9,6 +9,7 @@ import torch
 from conftest import assert_one_error_line, checkpoints, load, max_weight_diff, only_run, run_script
 from test_resume import identical
 
+from utils.early_stopping import follow_validation
 from utils.lr_schedule import lr_at
 
 ARGS = ["--accelerator", "cpu", "--logger_name", "csv"]  # 19 steps per epoch
@@ -89,7 +90,7 @@ def test_two_processes_use_the_same_lr_at_every_step(step_run, tmp_path):
 @pytest.mark.slow
 def test_best_checkpoint_follows_the_monitor_and_survives_retention_and_resume(tmp_path):
     root = tmp_path / "runs"
-    train(root, "--epochs", "3", "--monitor", "val_acc", "--monitor_mode", "max", "--num_checkpoint_keep", "1")
+    train(root, "--epochs", "3", "--monitor", "val_acc", "--num_checkpoint_keep", "1")  # the mode follows: max
     run = only_run(root)
     accs = {int(r["step"]): float(r["val_acc"]) for r in rows(run) if r["val_acc"]}
     best_step = max(accs, key=lambda step: (accs[step], -step))  # the first of the highest
@@ -111,7 +112,7 @@ def test_best_checkpoint_follows_the_monitor_and_survives_retention_and_resume(t
                           "checkpoint='best'", "no best checkpoint")
 
 
-EARLY = ["--epochs", "10", "--monitor", "val_acc", "--monitor_mode", "max", "--early_stop_patience", "2",
+EARLY = ["--epochs", "10", "--monitor", "val_acc", "--early_stop_patience", "2",
          "--early_stop_min_delta", "0.5"]  # no validation beats the first by 0.5: stop after the third
 
 
@@ -119,7 +120,8 @@ EARLY = ["--epochs", "10", "--monitor", "val_acc", "--monitor_mode", "max", "--e
 def test_early_stopping_stops_every_rank_and_counts_across_a_resume(tmp_path):
     result = train(tmp_path / "straight", *EARLY, "--devices", "2")
     run = only_run(tmp_path / "straight")
-    assert "early stop at step 57: val_acc gained no more than 0.5 in 2 validation(s)" in result.stdout
+    assert "early stop at step 57: val_acc beat" in result.stdout and "by no more than 0.5 in 2 validation(s)" in \
+        result.stdout
     final = load(checkpoints(run)[-1])
     assert final["global_step"] == 57 and final["finished"] and final["bad_validations"] == 2
     assert [r["stopped_early"] for r in rows(run) if r["stopped_early"]] == ["1"] and rows(run)[-1]["step"] == "57"
@@ -137,6 +139,34 @@ def test_early_stopping_stops_every_rank_and_counts_across_a_resume(tmp_path):
     assert len(list((tmp_path / "resumed").iterdir())) == 2
     result = train(tmp_path / "resumed", *EARLY, "--resume", stopped)  # ... and naming it trains nothing
     assert "stopped early at step 57; nothing to train" in result.stdout
+
+
+def early_stop_after(values, patience, min_delta, follow=follow_validation):
+    """The validation (1-based) at which early stopping stops, or None, for validation losses `values`."""
+    best = reference = None
+    bad = 0
+    for index, value in enumerate(values, 1):
+        _, best, reference, bad = follow(value, "min", best, reference, bad, min_delta)
+        if bad >= patience:
+            return index
+    return None
+
+
+def test_early_stopping_counts_steady_progress_against_a_fixed_reference():
+    """The losses of the run that stopped on a new best: each gained less than min_delta over the one before, but
+    0.0424 beats 0.0603 by 0.018. As in Lightning's and Keras' EarlyStopping, it is progress."""
+    losses = [0.0603, 0.0516, 0.0424]
+    assert early_stop_after(losses, patience=2, min_delta=0.01) is None
+    assert follow_validation(0.0424, "min", 0.0516, 0.0603, 1, 0.01) == (True, 0.0424, 0.0424, 0)
+    assert early_stop_after([*losses, 0.0400, 0.0390], patience=2, min_delta=0.01) == 5  # two small gains: stop
+    assert early_stop_after([0.5, 0.6, 0.7], patience=2, min_delta=0.0) == 3  # worse twice: stop
+    assert follow_validation(0.9, "max", 0.8, 0.8, 0, 0.0) == (True, 0.9, 0.9, 0)  # max: higher is better
+
+    def moving_reference(value, better, best, reference, bad, min_delta):  # the rule of before: a negative control
+        improved, best, reference, bad = follow_validation(value, better, best, reference, bad, min_delta)
+        return improved, best, best, bad
+
+    assert early_stop_after(losses, patience=2, min_delta=0.01, follow=moving_reference) == 3
 
 
 # -- fine-tuning from weights ----------------------------------------------------------------------------------------
@@ -165,6 +195,22 @@ def test_init_from_a_checkpoint_or_a_state_dict(step_run, tmp_path):
     assert "tensors loaded" not in result.stdout and "at step 1" in result.stdout
     result = train(run.parent, "--resume", run, "--init_from", plain, check_rc=2)
     assert_one_error_line(result, f"init_from='{plain}'", "cannot be given with resume")
+
+    # the wrappings users bring: Lightning's {"state_dict": ...} and DDP's "module." prefix
+    wrapped = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}, "epoch": 3}, wrapped)
+    result = train(tmp_path / "wrapped", *tiny, "--init_from", wrapped)
+    assert "8 of the model's 8 tensors loaded (unwrapped the 'state_dict' entry and the 'module.' prefix)" in \
+        result.stdout
+    final = load(checkpoints(only_run(tmp_path / "wrapped"))[-1])["model"]
+    assert max_weight_diff(final, weights) < 1e-6
+    # keys that match nothing load nothing: refused, not a run from random weights that claims a fine-tune
+    unrelated = tmp_path / "unrelated.pt"
+    torch.save({f"encoder.{k}": v for k, v in weights.items()}, unrelated)
+    result = train(tmp_path / "unrelated", "--init_from", unrelated, check_rc=2)
+    assert_one_error_line(result, f"init_from='{unrelated}'", "loads none of the model's 8 tensors",
+                          "'encoder.0.weight'")
+    assert not (tmp_path / "unrelated").exists()  # nothing written
 
     wrong = tmp_path / "wrong.pt"
     torch.save({**weights, "0.weight": torch.zeros(8, 1, 3, 3)}, wrong)

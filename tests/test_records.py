@@ -53,7 +53,7 @@ def test_code_copy_provenance_and_diff_in_a_dirty_git_checkout(tmp_path):
     assert "train.py" in copied and "notes.py" in copied and "utils/provenance.py" in copied
     assert not any(name.startswith(("tests/", ".venv")) for name in copied)
     assert (run / "code" / "train.py").read_text().endswith("# edit one\n")
-    assert sum(p.stat().st_size for p in (run / "code").rglob("*")) < 200_000
+    assert sum(p.stat().st_size for p in (run / "code").rglob("*")) < 300_000  # the project's own source only
 
     # a resume with the same code keeps the copy; with other code it gets its own, and says so
     train_in(repo, tmp_path / "runs", "--resume", run, "--max_steps", "3")
@@ -79,6 +79,26 @@ def test_a_clean_checkout_has_no_diff_and_no_git_still_works(tmp_path):
     run = only_run(tmp_path / "plain" / "runs")
     assert "git_commit" not in entries(run)[0] and (run / "code" / "train.py").is_file()
     assert not list((run / "code").rglob("site-packages"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("git", [True, False], ids=["git checkout, runs not ignored", "plain copy"])
+def test_the_code_copy_holds_the_project_alone_however_many_runs_exist(tmp_path, git):
+    """Runs inside the project (a root_dir git does not ignore, or a copy without git) and a virtual environment
+    there: each run's code/ holds the same files, none from a run folder or the venv, and a resume with unchanged
+    code finds it unchanged."""
+    repo = project_copy(tmp_path, git=git)
+    (repo / "venv" / "lib").mkdir(parents=True)
+    (repo / "venv" / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    (repo / "venv" / "lib" / "site.py").write_text("# a virtual environment's file\n")
+    for _ in range(3):
+        train_in(repo, "experiments", "--max_steps", "1")
+    runs = sorted((repo / "experiments").iterdir())
+    copies = [sorted(str(p.relative_to(run / "code")) for p in (run / "code").rglob("*.py")) for run in runs]
+    assert len(runs) == 3 and copies[0] == copies[1] == copies[2]
+    assert "train.py" in copies[0] and not [name for name in copies[0] if name.startswith(("experiments", "venv"))]
+    train_in(repo, "experiments", "--resume", runs[0], "--max_steps", "2")
+    assert entries(runs[0])[1]["code"] == "code" and not list(runs[0].glob("code-*"))  # unchanged code
 
 
 def test_record_provenance_copies_the_code_and_prints_its_cost(tmp_path):

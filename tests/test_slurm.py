@@ -20,14 +20,17 @@ SBATCH = ["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-pe
 
 @pytest.fixture(scope="module")
 def slurm():
-    """Starts the local cluster (a no-op if it is up); skips where it cannot run here."""
+    """Starts the local cluster (a no-op if it is up); skips where it cannot run here. OMP_NUM_THREADS=1, as on many
+    clusters, must not shrink the node (2 tasks would wait for ever)."""
     try:
-        result = subprocess.run([REPO / "scripts" / "local_slurm.sh"], capture_output=True, text=True, timeout=600)
+        result = subprocess.run([REPO / "scripts" / "local_slurm.sh"], capture_output=True, text=True, timeout=600,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     except OSError as err:
         pytest.skip(f"SLURM cannot be started here: {err}")
     if result.returncode != 0:
         reason = (result.stderr.strip().splitlines() or ["no output"])[-1]
         pytest.skip(f"SLURM cannot be started here (no root, or no packages): {reason}")
+    assert f" {len(os.sched_getaffinity(0))} CPUs " in result.stdout, result.stdout  # the machine's, not OMP's
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +54,17 @@ def job_state(job: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True).stdout.strip()
 
 
-def wait_for_end(job: str, timeout: float = 180) -> dict:
+def wait_until(condition, timeout: float, what: str, job: str) -> None:
+    """Waits for `condition()`; fails with the job's state after `timeout` seconds (a job the cluster cannot run stays
+    pending for ever: the test must fail, not hang)."""
     deadline = time.time() + timeout
-    while job_state(job) and time.time() < deadline:
+    while not condition():
+        assert time.time() < deadline, f"job {job}: no {what} after {timeout:.0f} s (state: {job_state(job) or 'gone'})"
         time.sleep(0.5)
+
+
+def wait_for_end(job: str, timeout: float = 180) -> dict:
+    wait_until(lambda: not job_state(job), timeout, "end", job)
     details = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
     return dict(field.split("=", 1) for field in details.split() if "=" in field)
 
@@ -73,16 +83,13 @@ def test_sbatch_trains_one_run_with_the_weights_of_train_py(slurm, straight, tmp
 
 def test_usr1_saves_exits_143_requeues_and_resumes_exactly(slurm, straight, tmp_path):
     job = submit(tmp_path)
-    deadline = time.time() + 120
-    while not list((tmp_path / "runs").glob("*/checkpoints/*.ckpt")) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: list((tmp_path / "runs").glob("*/checkpoints/*.ckpt")), 120, "checkpoint", job)
     subprocess.run(["scancel", "--signal=USR1", job], check=True)  # as SLURM does ahead of the time limit
-    while not job_state(job).startswith("PENDING") and time.time() < deadline:  # train.slurm requeued it
-        time.sleep(0.2)
+    wait_until(lambda: job_state(job).startswith("PENDING"), 120, "requeue", job)  # train.slurm requeued it
     # SLURM holds a requeued job for about 2 minutes; start it now (refused for a few seconds after the requeue)
     time.sleep(3)
-    while subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], capture_output=True).returncode:
-        time.sleep(2)
+    wait_until(lambda: subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"],
+                                      capture_output=True).returncode == 0, 60, "restart", job)
     details = wait_for_end(job)
     assert details["JobState"] == "COMPLETED" and details["Restarts"] == "1", details
     log = (tmp_path / f"slurm-{job}.out").read_text()

@@ -7,7 +7,6 @@ import warnings
 
 from lightning.fabric import Fabric
 from lightning.fabric.plugins import DoublePrecision
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -32,7 +31,9 @@ def launcher_hardware() -> dict:
     if "LOCAL_WORLD_SIZE" in env and "WORLD_SIZE" in env:  # torchrun
         local = int(env["LOCAL_WORLD_SIZE"])
         return {"devices": local, "num_nodes": int(env["WORLD_SIZE"]) // local}
-    if SLURMEnvironment.detect() and "SLURM_NTASKS_PER_NODE" in env:  # as Lightning decides; "2(x3)" per node
+    # under srun, as Lightning decides (an interactive job name turns it off); SLURM writes "2(x3)" for 3 nodes of 2
+    if "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive") \
+            and "SLURM_NTASKS_PER_NODE" in env:
         return {"devices": int(env["SLURM_NTASKS_PER_NODE"].split("(")[0]), "num_nodes": int(env["SLURM_NNODES"])}
     return {}
 
