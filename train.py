@@ -53,7 +53,7 @@ from utils.loss_check import check_losses_and_votes
 from utils.lr_schedule import lr_at
 from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
 from utils.provenance import record_provenance
-from utils.resume import resume_changes, resume_state
+from utils.resume import nothing_to_train, resume_changes, resume_state
 from utils.rng import gather_rng
 from utils.run_dir import check_writable, claim_run_dir, record_resume, record_start
 from utils.samplers import ResumableShuffleSampler, ShardSampler
@@ -202,13 +202,8 @@ def main(cfg: Config) -> None:
     # -- resume: the named checkpoint, or the newest that opens (corrupt ones are moved aside) -------------------
     resumed_from = resume_state(fabric, cfg, ckpt_dir, resume_file, state, batches) if resumed else None
     start_step = state["global_step"]
-    if resumed and start_step >= total_steps:
-        extend = "--max_steps (or unset it, --max_steps none, to train by --epochs)" if cfg.max_steps else "--epochs"
-        print0(f"run {run_dir} finished at step {start_step}; nothing to train: raise {extend} to train on")
-        exit_run(0)
-    if resumed and cfg.early_stop_patience and state["bad_validations"] >= cfg.early_stop_patience:
-        print0(f"run {run_dir} stopped early at step {start_step}; nothing to train: raise --early_stop_patience "
-               f"(or set it to 0) to train on")
+    if resumed and (finished := nothing_to_train(cfg, run_dir, state, total_steps)):
+        print0(finished)
         exit_run(0)
     abandoned = move_newer_aside(ckpt_dir, resumed_from) if resume_file and fabric.is_global_zero else None
     if abandoned:

@@ -333,8 +333,9 @@ def test_resume_of_a_missing_checkpoint_file(finished):
 
 
 def test_torchrun_with_more_processes_than_devices(tmp_path):
+    """--devices given on the command line contradicts the launcher (left unset, it follows torchrun's count)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(REPO / "train.py"),
-               "--root_dir", str(tmp_path), "--accelerator", "cpu"]
+               "--root_dir", str(tmp_path), "--accelerator", "cpu", "--devices", "1"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "train.py: error:" in line]

@@ -67,6 +67,19 @@ def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state:
     return path
 
 
+def nothing_to_train(cfg, run_dir: Path, state: dict, total_steps: int) -> str | None:
+    """Why a resumed run has nothing left to train (it finished, or stopped early), naming the setting that would
+    extend it; None if it trains on."""
+    step = state["global_step"]
+    if step >= total_steps:
+        extend = "--max_steps (or unset it, --max_steps none, to train by --epochs)" if cfg.max_steps else "--epochs"
+        return f"run {run_dir} finished at step {step}; nothing to train: raise {extend} to train on"
+    if cfg.early_stop_patience and state["bad_validations"] >= cfg.early_stop_patience:
+        return (f"run {run_dir} stopped early at step {step}; nothing to train: raise --early_stop_patience (or set "
+                f"it to 0) to train on")
+    return None
+
+
 def resume_changes(run_dir: Path, settings: dict, derived: dict, start_step: int) -> list[str]:
     """One line per setting this resume changes against the run's record, and what the learning rate does next when
     its schedule changed (extending a finished cosine run sends it back up, for one)."""
