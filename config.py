@@ -20,7 +20,7 @@ from lightning.fabric.connector import _PRECISION_INPUT_STR
 from simple_parsing.helpers import list_field
 
 from data import DataConfig
-from model import ModelConfig
+from model import ModelConfig, check_settings
 from utils.exits import fail
 from utils.launching import launcher_hardware
 from utils.lr_schedule import SCHEDULES
@@ -30,7 +30,6 @@ PRECISIONS = get_args(_PRECISION_INPUT_STR)
 ACCELERATORS = ("auto", "gpu", *ACCELERATOR_REGISTRY.available_accelerators())
 # strategies whose launcher re-runs this script: "ddp_spawn" and the like would need main() passed to launch()
 STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp2", "fsdp")
-MONITOR_MODES = {"val_loss": "min", "val_acc": "max"}  # the direction each monitored metric improves in
 MAX_NAME_BYTES = 255  # the longest file name on common file systems (ext4, xfs, btrfs, NFS)
 
 
@@ -119,11 +118,12 @@ class Config:
     """Save a checkpoint every this many optimizer steps instead of CHECKPOINT_FREQUENCY epochs."""
     num_checkpoint_keep: int = 3
     """How many of the newest checkpoints to keep (checkpoints/best.ckpt is kept apart)."""
-    monitor: Literal["val_loss", "val_acc"] = "val_loss"
-    """Validation metric that picks checkpoints/best.ckpt and drives early stopping."""
+    monitor: str = "val_loss"
+    """Validation metric that picks checkpoints/best.ckpt and drives early stopping: val_<name> for any metric of
+    make_metrics in train.py (val_loss, val_acc, ...)."""
     monitor_mode: str | None = None
-    """Whether a lower (min) or higher (max) MONITOR is better. Unset: the metric's own direction (loss: min,
-    accuracy: max); a mode against it is refused."""
+    """Whether a lower (min) or higher (max) MONITOR is better. Unset: the metric's own direction (its
+    higher_is_better: loss min, accuracy max); a mode against it is refused."""
     early_stop_patience: int = 0
     """Stop after this many validations in a row that do not beat the reference by more than EARLY_STOP_MIN_DELTA.
     The reference is the last validation that did (as in Lightning's and Keras' EarlyStopping), so slow steady
@@ -166,11 +166,8 @@ class Config:
              "above 0 for lr_schedule=exponential"),
             ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
             ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
-            ("monitor", self.monitor in ("val_loss", "val_acc"), "val_loss or val_acc"),
+            ("monitor", self.monitor.startswith("val_"), "val_<name> of a metric of make_metrics in train.py"),
             ("monitor_mode", self.monitor_mode in (None, "min", "max"), "min or max"),
-            ("monitor_mode", self.monitor_mode in (None, MONITOR_MODES.get(self.monitor)),
-             f"{MONITOR_MODES.get(self.monitor)}: a higher {self.monitor} is "
-             f"{'better' if MONITOR_MODES.get(self.monitor) == 'max' else 'worse'}"),
             ("early_stop_patience", self.early_stop_patience >= 0, "at least 0 (0 is off)"),
             ("early_stop_min_delta", self.early_stop_min_delta >= 0, "at least 0"),
         ]
@@ -182,15 +179,7 @@ class Config:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected {expected}")
-        fitting_arch = "gpt" if self.data.dataset == "shakespeare_char" else "cnn"  # the data decides the model
-        if self.model.arch != fitting_arch:
-            raise ValueError(f"arch={self.model.arch!r} is invalid: expected {fitting_arch} for "
-                             f"dataset={self.data.dataset!r}")
-
-    @property
-    def better(self) -> str:
-        """min or max: the direction in which MONITOR improves (MONITOR_MODE, else the metric's own)."""
-        return self.monitor_mode or MONITOR_MODES[self.monitor]
+        check_settings(self)  # model.py's checks of settings across groups (a model that fits the data)
 
 
 def _valid_devices(devices: int | str) -> bool:

@@ -48,6 +48,12 @@ def make_datasets(cfg) -> tuple[Dataset, Dataset, Dataset]:
     return tuple(TensorDataset(images[idx], labels[idx]) for idx in splits)
 
 
+def tokens_per_sample(cfg) -> int | None:
+    """How many tokens one sample holds, for the tokens_per_sec the loop logs; None where samples are no token
+    sequences."""
+    return cfg.model.block_size if cfg.data.dataset == "shakespeare_char" else None
+
+
 def num_classes(cfg) -> int:
     """What the model predicts among: 10 digits, or the characters of the text."""
     return len(vocabulary(cfg)) if cfg.data.dataset == "shakespeare_char" else DIGIT_CLASSES

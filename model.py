@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
 from data import num_classes
+from utils.console import print0
 
 
 @dataclass
@@ -41,6 +42,15 @@ class ModelConfig:
             raise ValueError(f"n_embd={self.n_embd} is invalid: expected a multiple of n_head={self.n_head}")
 
 
+def check_settings(cfg) -> None:
+    """Checks of settings that span groups, run on every parse: raise ValueError naming the field and value. Here:
+    the model that fits the data (edit it with your own data and models)."""
+    fitting_arch = "gpt" if cfg.data.dataset == "shakespeare_char" else "cnn"
+    if cfg.model.arch != fitting_arch:
+        raise ValueError(f"arch={cfg.model.arch!r} is invalid: expected {fitting_arch} for "
+                         f"dataset={cfg.data.dataset!r}")
+
+
 def make_model(cfg) -> nn.Module:
     """The model that cfg.model.arch names, sized for cfg.data's dataset, with dropout cfg.dropout."""
     if cfg.model.arch == "gpt":
@@ -58,10 +68,15 @@ def make_model(cfg) -> nn.Module:
 def sharding_units(model: nn.Module) -> list[nn.Module]:
     """The FSDP units of --strategy fsdp2. Each unit's weights are gathered just before its forward and backward and
     freed after, so a unit is the most memory a rank holds unsharded at once: for the GPT each transformer block, for
-    the CNN each layer with weights."""
+    a Sequential each layer with weights. Any other model is one unit, the root (name its blocks here to save
+    memory)."""
     if isinstance(model, GPT):
         return list(model.blocks)
-    return [module for module in model if next(module.parameters(), None) is not None]
+    if isinstance(model, nn.Sequential):
+        return [module for module in model if next(module.parameters(), None) is not None]
+    print0(f"fsdp2: {type(model).__name__} is sharded as one unit, the root (name its blocks in model.sharding_units "
+           f"to gather one at a time)")
+    return []
 
 
 def compile_units(model: nn.Module) -> None:
@@ -69,7 +84,7 @@ def compile_units(model: nn.Module) -> None:
     FSDP2 module, so a sharded model cannot be compiled whole)."""
     parent = model.blocks if isinstance(model, GPT) else model
     units = sharding_units(model)
-    for index, module in enumerate(parent):
+    for index, module in enumerate(parent if units else []):
         if any(module is unit for unit in units):
             parent[index] = torch.compile(module)
 

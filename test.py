@@ -1,4 +1,5 @@
-"""Evaluate a run on the test split: prints loss and accuracy, writes RUN/test_metrics.json and RUN/report.png.
+"""Evaluate a run on the test split: prints every metric of train.py's make_metrics, writes RUN/test_metrics.json and
+RUN/report.png.
 
     python test.py --out_dir runs/20261122-104500-train_out
     python test.py --out_dir RUN --checkpoint last                # default: best (checkpoints/best.ckpt) if any
@@ -65,17 +66,15 @@ def main() -> None:
 
     # -- evaluate (all ranks) and report (rank 0) ----------------------------------------------------------------
     metrics = {"checkpoint": str(checkpoint), "checkpoint_step": checkpoint_step(checkpoint),
-               **evaluate(fabric, model, loader, confusion=True)}
-    confusion = metrics.pop("confusion", None)  # classification runs only
-    targets = f" ({metrics['targets']} targets)" if metrics["targets"] != metrics["samples"] else ""
-    print0(f"test loss {metrics['loss']:.4f}, test acc {metrics['acc']:.4f} "
-           f"on {metrics['samples']} samples{targets} ({checkpoint})")
+               **evaluate(fabric, model, loader, cfg)}  # make_metrics of train.py, as in validation
+    numbers = ", ".join(f"test {name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float))
+    print0(f"{numbers} on {metrics['samples']} samples ({checkpoint})")
     if fabric.is_global_zero:
         results_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomically(results_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")
         print0(f"metrics: {results_dir / 'test_metrics.json'}")
         if (args.out_dir / "logs" / "csv" / "metrics.csv").is_file():
-            print0(f"report: {write_report(args.out_dir, results_dir, derived, metrics, confusion)}")
+            print0(f"report: {write_report(args.out_dir, results_dir, derived, metrics)}")
         else:
             print0(f"no report: {args.out_dir} has no csv log (it trained without the csv logger)")
 

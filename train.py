@@ -18,6 +18,7 @@ Fabric places devices, starts processes and handles precision; everything else i
     sbatch scripts/train.slurm                               # SLURM: srun python train.py ...
 """
 
+import copy
 import math
 import sys
 import time
@@ -26,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchmetrics import SumMetric
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from config import Config, load_config, settings_record
-from data import IGNORE_INDEX
+from data import IGNORE_INDEX, num_classes
 from model import compile_units, make_model
 from utils.batching import plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
@@ -45,11 +47,11 @@ from utils.checkpoint import (
 from utils.compile_check import check_compiled_model
 from utils.console import print0, progress_bar
 from utils.datasets import load_datasets
-from utils.early_stopping import follow_validation
+from utils.early_stopping import follow_validation, monitor_direction
 from utils.exits import exit_run, fail
 from utils.launching import launch, make_fabric
 from utils.loggers import close_loggers, is_log_step, log_hyperparams, make_loggers
-from utils.loss_check import check_losses_and_votes
+from utils.loss_check import check_losses_and_votes, split_step_output
 from utils.lr_schedule import lr_at
 from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
 from utils.provenance import record_provenance
@@ -59,47 +61,74 @@ from utils.run_dir import check_writable, claim_run_dir, record_resume, record_s
 from utils.samplers import ResumableShuffleSampler, ShardSampler
 from utils.throughput import Speed
 
+# -- your task: these three functions, make_datasets (data.py) and make_model (model.py) ---------------------------
+
+def training_step(model, batch, cfg: Config) -> torch.Tensor | dict:
+    """The loss of one micro-batch, a scalar tensor, or a dict holding it under "loss" beside other scalar tensors to
+    log (as train_<name>, averaged over the log window). Keep the loss a mean over the batch's samples: then
+    eff_batch_size means the same on any number of devices and any accumulation."""
+    inputs, targets = batch
+    logits = model(inputs)  # (batch, classes) or (batch, time, vocabulary)
+    return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+class MeanLoss(MeanMetric):
+    higher_is_better = False  # tells --monitor val_loss which way is better
+
+
+def make_metrics(cfg: Config) -> MetricCollection:
+    """The validation and test metrics, logged as val_<name> and test_<name>. A metric's higher_is_better gives
+    --monitor its direction; a metric whose value is a matrix (a confusion matrix) is drawn by test.py's report."""
+    classes = num_classes(cfg)
+    metrics = {"loss": MeanLoss(), "acc": MulticlassAccuracy(classes, average="micro", ignore_index=IGNORE_INDEX)}
+    if cfg.data.dataset == "digits":
+        metrics["confusion"] = MulticlassConfusionMatrix(classes)
+    return MetricCollection(metrics)
+
+
+def validation_step(model, batch, metrics: MetricCollection, cfg: Config) -> None:
+    """Updates the metrics with one batch (per scored target: the padded end of a text split is not scored)."""
+    inputs, targets = batch
+    logits = model(inputs).flatten(0, -2).float()  # (samples or tokens, classes)
+    targets = targets.flatten()
+    scored = targets != IGNORE_INDEX
+    losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    metrics["loss"].update(losses[scored])
+    metrics["acc"].update(logits, targets)
+    if "confusion" in metrics:
+        metrics["confusion"].update(logits, targets)
+
+# -------------------------------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
-def evaluate(fabric: Fabric, model, loader, confusion: bool = False) -> dict:
-    """Loss and accuracy over every scored target of `loader` once: per sample for (batch, classes) logits, per
-    token for (batch, time, vocabulary); with `confusion`, also the confusion matrix of (batch, classes) logits.
-    All ranks: compute() and all_reduce sync across processes."""
+def evaluate(fabric: Fabric, model, loader, cfg: Config) -> dict:
+    """{metric name: value} of make_metrics over `loader` once (a number, or a nested list for a matrix), and the
+    number of samples. All ranks: the metrics sync across processes in compute()."""
     model.eval()
-    loss_sum, correct, targets_seen, samples = (SumMetric().to(fabric.device) for _ in range(4))
-    matrix = None
+    metrics = make_metrics(cfg)  # a MetricCollection or a dict of metrics
+    for metric in metrics.values():
+        metric.to(fabric.device)
     # FSDP gathers weights inside forward, so all ranks must forward equally often: agreed before the first (all ranks)
     forwards = len(loader)
     if isinstance(fabric.strategy, SHARDED):
         forwards = int(fabric.all_reduce(torch.tensor(forwards, device=fabric.device), reduce_op="max"))
-    for inputs, targets in loader:
-        logits = model(inputs)
-        one_label_per_sample = logits.dim() == 2
-        logits, targets = logits.flatten(0, -2), targets.flatten()  # (samples or tokens, classes)
-        predictions = logits.argmax(-1)
-        if confusion and one_label_per_sample:  # rows: true class, columns: predicted
-            classes = logits.shape[1]
-            counts = torch.bincount(targets * classes + predictions, minlength=classes * classes)
-            matrix = counts.view(classes, classes) + (0 if matrix is None else matrix)
-        scored = targets != IGNORE_INDEX  # the padded end of a text split is not scored
-        loss_sum.update(F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum"))
-        correct.update((predictions == targets)[scored].sum())
-        targets_seen.update(scored.sum())
-        samples.update(len(inputs))
+    batch = None
+    for batch in loader:
+        validation_step(model, batch, metrics, cfg)
     for _ in range(forwards - len(loader)):
-        model(inputs)  # a shorter shard repeats its last batch, uncounted
+        validation_step(model, batch, copy.deepcopy(metrics), cfg)  # a shorter shard repeats its last batch, uncounted
     model.train()
-    count = targets_seen.compute().item()
-    result = {"loss": loss_sum.compute().item() / count, "acc": correct.compute().item() / count,
-              "samples": int(samples.compute().item()), "targets": int(count)}
-    if matrix is not None:
-        result["confusion"] = fabric.all_reduce(matrix, reduce_op="sum").tolist()
-    return result
+    computed = metrics.compute() if isinstance(metrics, MetricCollection) else \
+        {name: metric.compute() for name, metric in metrics.items()}  # all ranks
+    values = {name: value.item() if value.numel() == 1 else value.tolist()  # the loss first, as it is printed
+              for name, value in sorted(computed.items(), key=lambda item: item[0] != "loss")}
+    return {**values, "samples": len(loader.dataset)}
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy for logits of (batch, classes) or (batch, time, vocabulary)."""
-    return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+def step_loss(model, batch, cfg: Config) -> torch.Tensor:
+    """training_step's loss alone: what the compile check and the FLOP count differentiate."""
+    return split_step_output(training_step(model, batch, cfg))[0]
 
 
 def make_loaders(fabric: Fabric, cfg: Config, train_set: Dataset, val_set: Dataset, sampler: ResumableShuffleSampler,
@@ -137,7 +166,8 @@ def setup_model(fabric: Fabric, cfg: Config, lr: float, train_set: Dataset, micr
     optimizer = fabric.setup_optimizers(optimizer)
     if cfg.compile and cfg.compile_check:  # a compiler bug must not train silently (all ranks)
         first_batch = fabric.to_device(default_collate([train_set[i] for i in range(micro_batch)]))
-        check_compiled_model(fabric, model, first_batch, loss_fn, cfg.seed, cfg.precision)
+        check_compiled_model(fabric, model, first_batch, lambda module, batch: step_loss(module, batch, cfg), cfg.seed,
+                             cfg.precision)
     return model, optimizer, param_groups
 
 
@@ -164,6 +194,8 @@ def main(cfg: Config) -> None:
     launch(fabric)
     cfg = fabric.broadcast(cfg)  # all ranks: rank 0's settings, and the run its --resume chose
     check_writable(fabric, cfg)  # all ranks: a run folder that cannot be written fails now, not after setup
+    task_metrics = make_metrics(cfg)
+    better = monitor_direction(cfg, task_metrics)  # --monitor names one of them: checked before anything is built
     stop = StopRequest()  # SIGTERM, SIGUSR1, Ctrl-C only set a flag; the loop saves and exits (utils/preemption.py)
     # each rank draws its own dropout masks (the initial weights are the same everywhere: see setup_model)
     fabric.seed_everything(cfg.seed + fabric.global_rank, verbose=False)
@@ -184,7 +216,7 @@ def main(cfg: Config) -> None:
     model, optimizer, param_groups = setup_model(fabric, cfg, lr, train_set, batches.micro)
 
     # speed at log steps: samples (tokens) per second; on a GPU also FLOPs per second and MFU, from one FLOP count
-    speed = Speed(fabric, cfg, train_set[0], batches, lambda: make_model(cfg), loss_fn)
+    speed = Speed(fabric, cfg, train_set[0], batches, lambda: make_model(cfg), lambda m, b: step_loss(m, b, cfg))
 
     # -- run folder: a new one, or the resumed run's; locked by rank 0 before anything in it is touched ----------
     run_dir, resume_file = claim_run_dir(fabric, cfg)  # all ranks
@@ -194,7 +226,8 @@ def main(cfg: Config) -> None:
     # -- checkpointed state: fabric.save / fabric.load convert the model and optimizer to state_dicts ----------
     state = {"model": model, "optimizer": optimizer, "global_step": 0, "epoch": 0, "config": {},
              "world_size": fabric.world_size, "log_loss_sum": 0.0, "log_loss_steps": 0, "finished": False,
-             "best_value": None, "best_step": None, "stop_reference": None, "bad_validations": 0}
+             "log_extra_sums": {}, "best_value": None, "best_step": None, "stop_reference": None,
+             "bad_validations": 0}
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the loss scale must survive too
     if scaler is not None:
         state["scaler"] = scaler
@@ -226,7 +259,7 @@ def main(cfg: Config) -> None:
     loggers = make_loggers(cfg.logger_name, run_dir, start_step, cfg.wandb_project) if fabric.is_global_zero else []
     fabric._loggers = loggers
     if start_step == 0:  # once per run
-        log_hyperparams(fabric.loggers, {**settings, **derived}, metric_names=("val_loss", "val_acc"))
+        log_hyperparams(fabric.loggers, {**settings, **derived}, metric_names=[f"val_{name}" for name in task_metrics])
     if resumed_from is not None:
         print0(f"resumed from {resumed_from} at step {start_step}")
     print0(f"run folder {run_dir}: {fabric.world_size} process(es) x {batches.per_device} samples "
@@ -236,24 +269,26 @@ def main(cfg: Config) -> None:
     # -- training loop -------------------------------------------------------------------------------------------
     global_step = start_step
     log_loss_sum, log_loss_steps = state["log_loss_sum"], state["log_loss_steps"]  # carried across a resume
+    log_extra_sums = state["log_extra_sums"]  # {name: sum over the window} of training_step's other values
     best_value, stop_reference, bad_validations = state["best_value"], state["stop_reference"], \
         state["bad_validations"]  # best.ckpt, and early stopping's reference (utils/early_stopping.py)
     window_start, window_steps = time.perf_counter(), 0  # throughput: training time of this process only
-    unsynced_losses = []  # this rank's loss of each step since the last log, validation or checkpoint step
+    unsynced_steps = []  # this rank's loss (and other values) of each step since the last log, validation or checkpoint
     stop_early = False
     progress = progress_bar(total_steps, start_step, enabled=fabric.is_global_zero)
     for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
         sampler.set_position(epoch, global_step - epoch * steps_per_epoch)  # skips steps a resumed epoch has seen
-        step_loss = torch.zeros((), device=fabric.device)  # stays on the device: reading it would wait for it
-        for micro_step, (inputs, targets) in enumerate(train_loader):
+        step_values = 0  # the step's loss and other values, on the device: reading them would wait for it
+        for micro_step, batch in enumerate(train_loader):
             is_accumulating = (micro_step + 1) % batches.accum_steps != 0
 
             # -- the training step: edit here ---------------------------------------------------------------------
             # no gradient all-reduce on micro-steps that do not step the optimizer
             with fabric.no_backward_sync(model, enabled=is_accumulating):
-                loss = loss_fn(model(inputs), targets)
+                loss, extras = split_step_output(training_step(model, batch, cfg))
                 fabric.backward(loss / batches.accum_steps)
-            step_loss += loss.detach() / batches.accum_steps
+            extra_names = list(extras)
+            step_values = step_values + torch.stack([loss.detach().float(), *extras.values()]) / batches.accum_steps
             if is_accumulating:
                 continue
             for group in optimizer.param_groups:  # the LR is a function of the step alone: the same after a resume
@@ -270,8 +305,8 @@ def main(cfg: Config) -> None:
 
             global_step += 1
             window_steps += 1
-            unsynced_losses.append(step_loss)
-            step_loss = torch.zeros_like(step_loss)
+            unsynced_steps.append(step_values)
+            step_values = 0
             progress.update(1)
             end_of_epoch, last_step = global_step % steps_per_epoch == 0, global_step == total_steps
             # validate and save every val_every_n_steps / checkpoint_every_n_steps (else by epochs), and at the end
@@ -284,32 +319,39 @@ def main(cfg: Config) -> None:
             # losses since then, checked, and any rank's stop request (one process needs no vote: it stops at once)
             stop_votes = interrupt_votes = 0
             if log_now or validate or periodic or (stop.requested and fabric.world_size == 1):
-                losses, stop_votes, interrupt_votes = check_losses_and_votes(fabric, unsynced_losses, stop, global_step)
-                log_loss_sum, log_loss_steps = sum(losses, log_loss_sum), log_loss_steps + len(losses)
-                unsynced_losses.clear()
+                rows, stop_votes, interrupt_votes = check_losses_and_votes(fabric, unsynced_steps, stop, global_step)
+                for loss_value, *extra_values in rows:  # step by step: a resume sums in the same order
+                    log_loss_sum += loss_value
+                    log_extra_sums = {name: log_extra_sums.get(name, 0.0) + value
+                                      for name, value in zip(extra_names, extra_values, strict=True)}
+                log_loss_steps += len(rows)
+                unsynced_steps.clear()
 
             # log: the training loss at log steps, validation in the same row
             metrics = {}
             if log_now:
                 metrics = {"train_loss": log_loss_sum / log_loss_steps, "lr": optimizer.param_groups[0]["lr"],
                            "grad_norm": grad_norm.item(),
+                           **{f"train_{name}": value / log_loss_steps for name, value in log_extra_sums.items()},
                            **speed.rates(window_steps, time.perf_counter() - window_start)}
                 progress.set_postfix(loss=f"{metrics['train_loss']:.4f}", refresh=False)  # drawn at the bar's pace
-                log_loss_sum, log_loss_steps, window_steps = 0.0, 0, 0
+                log_loss_sum, log_loss_steps, log_extra_sums, window_steps = 0.0, 0, {}, 0
                 window_start = time.perf_counter()
             paused = time.perf_counter()  # validation and checkpoints do not count as training time
 
             # validate, and follow the best value
             improved = False
             if validate:
-                val = evaluate(fabric, model, val_loader)  # all ranks: every rank gets the same all-reduced values
-                metrics |= {"val_loss": val["loss"], "val_acc": val["acc"]}
+                val = evaluate(fabric, model, val_loader, cfg)  # all ranks: every rank gets the same values
+                metrics |= {f"val_{name}": value for name, value in val.items() if isinstance(value, float)}
                 if total_steps >= steps_per_epoch:  # epochs mean something only in a run that covers one
                     metrics["epoch"] = global_step / steps_per_epoch
                 where = f" (epoch {metrics['epoch']:.2f})" if "epoch" in metrics else ""
-                print0(f"step {global_step}{where}: val loss {val['loss']:.4f}, val acc {val['acc']:.4f}")
+                print0(f"step {global_step}{where}: " + ", ".join(f"{name.replace('_', ' ')} {value:.4f}"
+                                                                   for name, value in metrics.items()
+                                                                   if name.startswith("val_")))
                 improved, best_value, stop_reference, bad_validations = follow_validation(
-                    val[cfg.monitor.removeprefix("val_")], cfg.better, best_value, stop_reference, bad_validations,
+                    val[cfg.monitor.removeprefix("val_")], better, best_value, stop_reference, bad_validations,
                     cfg.early_stop_min_delta)
                 stop_early = cfg.early_stop_patience > 0 and bad_validations >= cfg.early_stop_patience
                 if stop_early:
@@ -322,7 +364,8 @@ def main(cfg: Config) -> None:
             if due or improved:
                 state.update(global_step=global_step, epoch=global_step // steps_per_epoch, rng=gather_rng(fabric),
                              config=settings, world_size=fabric.world_size, log_loss_sum=log_loss_sum,
-                             log_loss_steps=log_loss_steps, finished=last_step or stop_early, best_value=best_value,
+                             log_loss_steps=log_loss_steps, log_extra_sums=log_extra_sums,
+                             finished=last_step or stop_early, best_value=best_value,
                              best_step=global_step if improved else state["best_step"],
                              stop_reference=stop_reference, bad_validations=bad_validations)
                 try:  # each save copies the state and returns; the file is written and fsynced in the background

@@ -146,7 +146,7 @@ def main() -> None:
 
     sys.path.insert(0, str(REPO))
     from model import GPT
-    from train import loss_fn
+    from train import step_loss
     from utils.throughput import count_flops
 
     shape = TINY if args.tiny else GPT2_SMALL
@@ -154,7 +154,8 @@ def main() -> None:
     spec = {"shape": shape, "batch": args.batch, "steps": steps, "accelerator": args.accelerator}
     config = argparse.Namespace(**{k: shape[k] for k in ("n_layer", "n_head", "n_embd", "block_size")}, bias=False)
     sample = (torch.zeros(shape["block_size"], dtype=torch.long),) * 2
-    flops_per_step = count_flops(lambda: GPT(config, shape["vocab"], 0.0), sample, args.batch, loss_fn)
+    flops_per_step = count_flops(lambda: GPT(config, shape["vocab"], 0.0), sample, args.batch,
+                                 lambda model, batch: step_loss(model, batch, None))
     params = sum(p.numel() for p in GPT(config, shape["vocab"], 0.0).parameters())
     device = torch.device(args.accelerator)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -75,10 +75,8 @@ BAD_FLAGS = [
     (["--lr_schedule", "exponential", "--min_lr_ratio", "0"], "min_lr_ratio=0.0 is invalid: expected above 0"),
     (["--beta1", "1"], "beta1=1.0"),
     (["--beta2", "-0.1"], "beta2=-0.1"),
-    (["--monitor", "val_f1"], "'val_f1'"),
+    (["--monitor", "f1"], "monitor='f1' is invalid: expected val_<name>"),
     (["--monitor_mode", "up"], "'up'"),
-    (["--monitor", "val_acc", "--monitor_mode", "min"], "monitor_mode='min' is invalid: expected max: a higher"),
-    (["--monitor_mode", "max"], "monitor_mode='max' is invalid: expected min: a higher val_loss is worse"),
     (["--out_dir", "x" * 240], "expected a name of at most 239 bytes"),
     (["--max_steps", "0"], "max_steps=0"),
     (["--early_stop_patience", "-1"], "early_stop_patience=-1"),
@@ -146,6 +144,9 @@ def test_missing_config_file(tmp_path, capsys):
     (["--devices", "-1"], "devices=-1 is invalid for accelerator='cpu'"),  # Fabric takes these on GPUs only
     (["--devices", "0,1"], "devices='0,1' is invalid for accelerator='cpu'"),
     (["--root_dir", "/proc/no/runs"], "root_dir='/proc/no/runs' cannot be written (/proc: "),
+    (["--monitor", "val_f1"], "monitor='val_f1' is invalid: expected one of val_"),  # not a metric of make_metrics
+    (["--monitor", "val_acc", "--monitor_mode", "min"], "monitor_mode='min' is invalid: expected max: a higher"),
+    (["--monitor_mode", "max"], "monitor_mode='max' is invalid: expected min: a higher val_loss is worse"),
     (["--eff_batch_size", "4096"], "eff_batch_size=4096"),  # larger than the training set
     (["--resume", "no/such/run"], "resume='no/such/run'"),
     (["--init_from", "no/such/weights.pt"], "init_from='no/such/weights.pt': no such file"),
@@ -163,9 +164,21 @@ def test_test_py_refuses_a_folder_that_is_not_a_run(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_monitor_mode_follows_the_metric():
-    assert (parse_config([]).better, parse_config(["--monitor", "val_acc"]).better) == ("min", "max")
-    assert parse_config(["--monitor", "val_acc", "--monitor_mode", "max"]).better == "max"
+def test_monitor_mode_follows_the_metric(capsys):
+    from torchmetrics import MeanMetric
+
+    from train import make_metrics
+    from utils.early_stopping import monitor_direction
+
+    metrics = make_metrics(Config())
+    assert monitor_direction(parse_config([]), metrics) == "min"
+    assert monitor_direction(parse_config(["--monitor", "val_acc"]), metrics) == "max"
+    assert monitor_direction(parse_config(["--monitor", "val_acc", "--monitor_mode", "max"]), metrics) == "max"
+    silent = {"score": MeanMetric()}  # a metric that does not say which way is better needs --monitor_mode
+    assert monitor_direction(parse_config(["--monitor", "val_score", "--monitor_mode", "max"]), silent) == "max"
+    with pytest.raises(SystemExit):
+        monitor_direction(parse_config(["--monitor", "val_score"]), silent)
+    assert "monitor_mode is needed for monitor='val_score'" in capsys.readouterr().err
 
 
 def test_a_runs_record_is_typed_and_never_parsed_as_text():

@@ -15,6 +15,8 @@ from utils.checkpoint import COMPILED, SHARDED
 from utils.console import print0
 from utils.exits import fail
 
+GRADIENT_FLOOR = 1e-3  # gradients below this fraction of the largest are compared at that scale
+
 
 def tolerance(precision: str | None) -> float:
     """Largest relative difference of a gradient that still counts as the same: what reordered arithmetic gives."""
@@ -23,10 +25,13 @@ def tolerance(precision: str | None) -> float:
     return 5e-2  # 16- and bf16-bit arithmetic: measured up to about 0.6% on the default CNN
 
 
-def compiled_gradient_error(fabric: Fabric, model, inputs, targets, loss_fn, seed: int) -> tuple[str, float]:
+def compiled_gradient_error(fabric: Fabric, model, batch, step_loss, seed: int) -> tuple[str, float]:
     """All ranks: (name, relative difference) of the parameter (or 'loss') whose compiled gradient differs most from
     eager mode's (the same modules with compilation switched off), worst over every rank, so that every rank reaches
-    the same verdict. No gradient is accumulated and no random state is consumed."""
+    the same verdict. A gradient's difference is relative to its own norm, but never to less than GRADIENT_FLOOR x
+    the largest gradient's norm: a gradient that is zero in exact arithmetic (computed as 1e-13 one way and 0 the
+    other) does not fail a right compile, while a wrong one of any real size does. No gradient is accumulated and
+    no random state is consumed."""
     names, params = zip(*[(name.replace(COMPILED, ""), p) for name, p in model.module.named_parameters()
                           if p.requires_grad], strict=True)  # names as in a checkpoint
 
@@ -35,7 +40,7 @@ def compiled_gradient_error(fabric: Fabric, model, inputs, targets, loss_fn, see
             torch.manual_seed(seed)
             with fabric.autocast():  # both under the run's precision
                 # the module inside Fabric's wrapper (which insists on fabric.backward)
-                loss = loss_fn(model._forward_module(inputs), targets)
+                loss = step_loss(model._forward_module, batch)
             loss.backward()  # FSDP2 hands gradients to its sharded parameters in .grad only, not to autograd.grad
         gradients = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]  # this rank's shard
         for p in params:
@@ -49,21 +54,23 @@ def compiled_gradient_error(fabric: Fabric, model, inputs, targets, loss_fn, see
         compiled_loss, compiled_grads = loss_and_gradients()
     errors = [(compiled_loss - eager_loss).abs() / eager_loss.abs().clamp_min(1e-12)]
     zero = torch.zeros((), device=fabric.device)
-    for eager_grad, compiled_grad in zip(eager_grads, compiled_grads, strict=True):
-        eager_grad = zero if eager_grad is None else eager_grad.float()  # None: the parameter took no part
-        compiled_grad = zero if compiled_grad is None else compiled_grad.float()
+    pairs = [(zero if eager is None else eager.float(), zero if compiled is None else compiled.float())
+             for eager, compiled in zip(eager_grads, compiled_grads, strict=True)]  # None: took no part
+    norms = torch.stack([eager.norm() for eager, _ in pairs] or [zero])
+    floor = fabric.all_reduce(norms.max(), reduce_op="max") * GRADIENT_FLOOR  # all ranks: the largest gradient's
+    for (eager_grad, compiled_grad), norm in zip(pairs, norms, strict=True):
         difference = (compiled_grad - eager_grad).norm()
-        errors.append(difference / eager_grad.norm().clamp_min(1e-12) if difference > 0 else difference)
+        errors.append(difference / torch.maximum(norm, floor).clamp_min(1e-12) if difference > 0 else difference)
     errors = fabric.all_reduce(torch.stack(errors), reduce_op="max")  # all ranks
     worst = int(errors.argmax())
     return ("loss", *names)[worst], float(errors[worst])
 
 
-def check_compiled_model(fabric: Fabric, model, batch, loss_fn, seed: int, precision: str | None) -> None:
+def check_compiled_model(fabric: Fabric, model, batch, step_loss, seed: int, precision: str | None) -> None:
     """All ranks: stops the run (exit 2, nothing written) if the compiled model's loss or a gradient differs from
     eager mode's by more than the precision explains; else says how close they are and what the check cost."""
     started = time.perf_counter()
-    name, error = compiled_gradient_error(fabric, model, *batch, loss_fn, seed)
+    name, error = compiled_gradient_error(fabric, model, batch, step_loss, seed)
     limit = tolerance(precision)
     what = "loss" if name == "loss" else f"gradient of {name}"
     if error > limit:

@@ -3,6 +3,8 @@ validations in a row that make no real progress."""
 
 import math
 
+from utils.exits import fail
+
 
 def follow_validation(value: float, better: str, best: float | None, reference: float | None, bad_validations: int,
                       min_delta: float) -> tuple[bool, float | None, float | None, int]:
@@ -20,3 +22,21 @@ def follow_validation(value: float, better: str, best: float | None, reference: 
     else:
         bad_validations += 1
     return improved, value if improved else best, reference, bad_validations
+
+
+def monitor_direction(cfg, metrics) -> str:
+    """min or max: which way cfg.monitor improves, from its metric's higher_is_better unless --monitor_mode says. A
+    monitor that names no metric of make_metrics, a metric that does not say without --monitor_mode, and a mode
+    against the metric are each one line (exit 2)."""
+    name = cfg.monitor.removeprefix("val_")
+    if not cfg.monitor.startswith("val_") or name not in metrics:
+        fail(f"monitor={cfg.monitor!r} is invalid: expected one of {', '.join(f'val_{n}' for n in metrics)} (the "
+             f"metrics of make_metrics in train.py)")
+    says = {True: "max", False: "min"}.get(getattr(metrics[name], "higher_is_better", None))
+    if says is None and cfg.monitor_mode is None:
+        fail(f"monitor_mode is needed for monitor={cfg.monitor!r}: its metric does not say whether higher is "
+             f"better (higher_is_better); give --monitor_mode min or max")
+    if says is not None and cfg.monitor_mode not in (None, says):
+        fail(f"monitor_mode={cfg.monitor_mode!r} is invalid: expected {says}: a higher {cfg.monitor} is "
+             f"{'better' if says == 'max' else 'worse'}")
+    return cfg.monitor_mode or says

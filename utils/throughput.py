@@ -7,7 +7,10 @@ import warnings
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.throughput import get_available_flops, measure_flops
+from torch.utils._pytree import tree_map_only
+from torch.utils.data import default_collate
 
+from data import tokens_per_sample
 from utils.console import print0
 
 
@@ -19,25 +22,25 @@ def compute_dtype(precision: str | None) -> torch.dtype:
     return {"16-mixed": torch.float16, "16-true": torch.float16, "64-true": torch.float64}.get(precision, torch.float32)
 
 
-def count_flops(build_model, sample: tuple, micro_batch: int, loss_fn) -> int:
-    """FLOPs of one forward and backward pass over a micro-batch shaped like `sample`, counted on a copy of the model
-    on the meta device (no memory, no compute)."""
+def count_flops(build_model, sample, micro_batch: int, step_loss) -> int:
+    """FLOPs of one forward and backward pass of step_loss(model, batch) over a micro-batch of `sample`s (any nesting
+    of tensors and numbers), counted on a copy of the model on the meta device (no memory, no compute)."""
     with torch.device("meta"):
         model = build_model()
-        inputs, targets = (torch.zeros((micro_batch, *x.shape), dtype=x.dtype) for x in sample)
-    return measure_flops(model, lambda: model(inputs), lambda logits: loss_fn(logits, targets))
+    batch = tree_map_only(torch.Tensor, lambda x: x.to("meta"), default_collate([sample] * micro_batch))
+    return measure_flops(model, lambda: step_loss(model, batch), lambda loss: loss)
 
 
 class Speed:
     """Rates over a window of training time, for the whole run (all processes)."""
 
-    def __init__(self, fabric: Fabric, cfg, sample: tuple, batches, build_model, loss_fn):
+    def __init__(self, fabric: Fabric, cfg, sample, batches, build_model, step_loss):
         self.samples_per_step = cfg.eff_batch_size
-        self.tokens_per_sample = sample[1].numel() if sample[1].dim() > 0 else None  # a sample is a sequence
+        self.tokens_per_sample = tokens_per_sample(cfg)  # data.py says; None: samples are no token sequences
         self.flops_per_step = self.peak_flops = None
         if fabric.device.type != "cuda":
             return
-        flops = count_flops(build_model, sample, batches.micro, loss_fn)
+        flops = count_flops(build_model, sample, batches.micro, step_loss)
         self.flops_per_step = flops * batches.accum_steps * fabric.world_size
         with warnings.catch_warnings():  # an unknown device: one line below instead of Fabric's warning
             warnings.simplefilter("ignore")
