@@ -1,6 +1,7 @@
 r"""Train a model with an explicit loop on lightning.fabric. Read it top to bottom; edit it freely.
 
-Fabric places devices, starts processes and handles precision; everything else is in this file.
+Fabric places devices, starts processes and handles precision; everything else is in this file. Your task is in
+training_step, make_metrics and validation_step just below, make_datasets (data.py) and make_model (model.py).
 
     python train.py                                          # whatever hardware is here
     python train.py --accelerator cpu --devices 2            # DDP over 2 CPU processes (gloo)
@@ -26,13 +27,12 @@ import time
 import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
-from torch.utils.data import DataLoader, Dataset, default_collate
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from config import Config, load_config, settings_record
 from data import IGNORE_INDEX, num_classes
-from model import compile_units, make_model
+from model import make_model
 from utils.batching import plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
     BEST,
@@ -40,25 +40,24 @@ from utils.checkpoint import (
     CheckpointError,
     checkpoint_name,
     finish_saves,
-    load_model_weights,
     move_newer_aside,
     save_checkpoint,
 )
-from utils.compile_check import check_compiled_model
 from utils.console import print0, progress_bar
-from utils.datasets import load_datasets
+from utils.datasets import load_datasets, make_loaders
 from utils.early_stopping import follow_validation, monitor_direction
 from utils.exits import exit_run, fail
 from utils.launching import launch, make_fabric
 from utils.loggers import close_loggers, is_log_step, log_hyperparams, make_loggers
 from utils.loss_check import check_losses_and_votes, split_step_output
 from utils.lr_schedule import lr_at
+from utils.model_setup import setup_model
 from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
 from utils.provenance import record_provenance
 from utils.resume import nothing_to_train, resume_changes, resume_state
 from utils.rng import gather_rng
 from utils.run_dir import check_writable, claim_run_dir, record_resume, record_start
-from utils.samplers import ResumableShuffleSampler, ShardSampler
+from utils.samplers import ResumableShuffleSampler
 from utils.throughput import Speed
 
 # -- your task: these three functions, make_datasets (data.py) and make_model (model.py) ---------------------------
@@ -131,58 +130,6 @@ def step_loss(model, batch, cfg: Config) -> torch.Tensor:
     return split_step_output(training_step(model, batch, cfg))[0]
 
 
-def make_loaders(fabric: Fabric, cfg: Config, train_set: Dataset, val_set: Dataset, sampler: ResumableShuffleSampler,
-                 micro_batch: int) -> tuple[DataLoader, DataLoader]:
-    """The training loader (this rank's share of each step, from `sampler`) and the validation loader."""
-    # the loader's own generator keeps iterator creation from drawing on the global RNG (exact resume)
-    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=cfg.num_workers,
-                              generator=torch.Generator().manual_seed(cfg.seed))
-    # validation forwards at most the training micro-batch: a run sized to fit memory in training fits here too
-    val_loader = DataLoader(val_set, batch_size=micro_batch, num_workers=cfg.num_workers,
-                            sampler=ShardSampler(len(val_set), fabric.world_size, fabric.global_rank))
-    return fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
-
-
-def setup_model(fabric: Fabric, cfg: Config, lr: float, train_set: Dataset, micro_batch: int):
-    """The model (with init_from's weights in a new run), compiled and checked if asked, and its optimizer, both set
-    up by Fabric. Returns them and the optimizer's group sizes."""
-    # every rank builds the same initial weights (FSDP2 does not copy rank 0's as DDP does), outside its own stream
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = make_model(cfg)
-    if cfg.init_from and cfg.resume is None:  # a resumed run continues from its own checkpoint instead
-        try:
-            print0(load_model_weights(model, cfg.init_from))
-        except CheckpointError as err:
-            fail(f"init_from={cfg.init_from!r}{err}")
-    if cfg.compile:
-        torch._inductor.config.fallback_random = True  # dropout draws from torch's generator: checked and resumed alike
-        if cfg.strategy == "fsdp2":
-            compile_units(model)  # torch.compile skips an FSDP2 module's forward: each unit is compiled instead
-        else:
-            model = torch.compile(model)
-    model = fabric.setup_module(model)  # DDP wraps it, FSDP2 shards it in place
-    optimizer, param_groups = make_optimizer(fabric, model, cfg, lr)  # from the (sharded) parameters to train
-    optimizer = fabric.setup_optimizers(optimizer)
-    if cfg.compile and cfg.compile_check:  # a compiler bug must not train silently (all ranks)
-        first_batch = fabric.to_device(default_collate([train_set[i] for i in range(micro_batch)]))
-        check_compiled_model(fabric, model, first_batch, lambda module, batch: step_loss(module, batch, cfg), cfg.seed,
-                             cfg.precision)
-    return model, optimizer, param_groups
-
-
-def make_optimizer(fabric: Fabric, model: torch.nn.Module, cfg: Config, lr: float):
-    """AdamW, with weight decay on tensors of 2 or more dimensions only (matrices, kernels, embeddings), not on
-    biases and normalization weights. Returns it and the size of each group, for config.yaml."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=(cfg.beta1, cfg.beta2), fused=fabric.device.type == "cuda")
-    sizes = {name: {"tensors": len(group), "params": sum(p.numel() for p in group)}
-             for name, group in (("decay", decay), ("no_decay", no_decay))}
-    return optimizer, sizes
-
-
 def main(cfg: Config) -> None:
     # -- setup: the batch split is checked before any process starts ------------------------------------------
     fabric = make_fabric(cfg)
@@ -194,14 +141,14 @@ def main(cfg: Config) -> None:
     launch(fabric)
     cfg = fabric.broadcast(cfg)  # all ranks: rank 0's settings, and the run its --resume chose
     check_writable(fabric, cfg)  # all ranks: a run folder that cannot be written fails now, not after setup
-    task_metrics = make_metrics(cfg)
-    better = monitor_direction(cfg, task_metrics)  # --monitor names one of them: checked before anything is built
     stop = StopRequest()  # SIGTERM, SIGUSR1, Ctrl-C only set a flag; the loop saves and exits (utils/preemption.py)
     # each rank draws its own dropout masks (the initial weights are the same everywhere: see setup_model)
     fabric.seed_everything(cfg.seed + fabric.global_rank, verbose=False)
 
     # -- data: every optimizer step sees the same eff_batch_size samples on any number of devices -------------
     train_set, val_set, _ = load_datasets(fabric, cfg)
+    task_metrics = make_metrics(cfg)
+    better = monitor_direction(cfg, task_metrics)  # --monitor names one of them: checked before the model is built
     sampler = ResumableShuffleSampler(len(train_set), batches.per_device, fabric.world_size, fabric.global_rank,
                                       cfg.seed)
     steps_per_epoch = sampler.steps_per_epoch
@@ -213,7 +160,8 @@ def main(cfg: Config) -> None:
     train_loader, val_loader = make_loaders(fabric, cfg, train_set, val_set, sampler, batches.micro)
 
     # -- model and optimizer ---------------------------------------------------------------------------------------
-    model, optimizer, param_groups = setup_model(fabric, cfg, lr, train_set, batches.micro)
+    model, optimizer, param_groups = setup_model(fabric, cfg, lr, train_set, batches.micro,
+                                                 lambda module, batch: step_loss(module, batch, cfg))
 
     # speed at log steps: samples (tokens) per second; on a GPU also FLOPs per second and MFU, from one FLOP count
     speed = Speed(fabric, cfg, train_set[0], batches, lambda: make_model(cfg), lambda m, b: step_loss(m, b, cfg))
@@ -282,7 +230,7 @@ def main(cfg: Config) -> None:
         for micro_step, batch in enumerate(train_loader):
             is_accumulating = (micro_step + 1) % batches.accum_steps != 0
 
-            # -- the training step: edit here ---------------------------------------------------------------------
+            # -- one micro-batch, then the optimizer step (the loss itself: training_step at the top) ---------------
             # no gradient all-reduce on micro-steps that do not step the optimizer
             with fabric.no_backward_sync(model, enabled=is_accumulating):
                 loss, extras = split_step_output(training_step(model, batch, cfg))

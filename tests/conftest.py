@@ -43,13 +43,14 @@ class Zygote:
 ZYGOTE = Zygote()
 
 
-def run_script(script: str, *args, cwd=None, env=None, timeout=300, check_rc: int | None = 0):
-    """Runs a repo script (train.py, test.py, ...) in a fresh process and returns the CompletedProcess. The process
-    is forked from tests/zygote.py, which has imported torch and lightning once for the whole suite."""
+def run_script(script: str, *args, cwd=None, env=None, timeout=300, check_rc: int | None = 0, repo: Path = REPO):
+    """Runs a script of the repo (train.py, test.py, ...; or of a copy of it) in a fresh process and returns the
+    CompletedProcess. The process is forked from tests/zygote.py, which has imported torch and lightning once for the
+    whole suite."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
-    command = [sys.executable, str(REPO / script), *map(str, args)]
+    command = [sys.executable, str(repo / script), *map(str, args)]
     with tempfile.TemporaryDirectory() as tmp:
-        returncode, stdout, stderr = ZYGOTE.run(command, cwd or REPO, full_env, timeout, Path(tmp))
+        returncode, stdout, stderr = ZYGOTE.run(command, cwd or repo, full_env, timeout, Path(tmp))
     result = subprocess.CompletedProcess(command, returncode, stdout, stderr)
     if check_rc is not None:
         output = f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

@@ -3,7 +3,6 @@ and the report picture test.py draws."""
 
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -26,11 +25,8 @@ def project_copy(tmp_path, git: bool):
     return repo
 
 
-def train_in(repo, root, *args, check=True):
-    result = subprocess.run([sys.executable, repo / "train.py", "--root_dir", root, *ARGS, *args], cwd=repo,
-                            capture_output=True, text=True, timeout=120)
-    assert not check or result.returncode == 0, result.stderr[-3000:]
-    return result
+def train_in(repo, root, *args):
+    return run_script("train.py", "--root_dir", root, *ARGS, *args, repo=repo, timeout=120)
 
 
 def entries(run) -> list[dict]:

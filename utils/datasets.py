@@ -1,10 +1,13 @@
-"""Building the datasets of data.py on every rank: local rank 0 first, bad data as one line, map-style only."""
+"""Building the datasets of data.py on every rank (local rank 0 first, bad data as one line, map-style only), and
+their loaders."""
 
+import torch
 from lightning.fabric import Fabric
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 import data
 from utils.exits import fail
+from utils.samplers import ResumableShuffleSampler, ShardSampler
 
 
 def load_datasets(fabric: Fabric, cfg) -> tuple[Dataset, Dataset, Dataset]:
@@ -21,3 +24,15 @@ def load_datasets(fabric: Fabric, cfg) -> tuple[Dataset, Dataset, Dataset]:
             fail(f"make_datasets returned a {type(dataset).__name__} as the {name} set: datasets must be map-style "
                  f"(with __len__ and __getitem__), so that every rank and every resume sees known samples")
     return datasets
+
+
+def make_loaders(fabric: Fabric, cfg, train_set: Dataset, val_set: Dataset, sampler: ResumableShuffleSampler,
+                 micro_batch: int) -> tuple[DataLoader, DataLoader]:
+    """The training loader (this rank's share of each step, from `sampler`) and the validation loader."""
+    # the loader's own generator keeps iterator creation from drawing on the global RNG (exact resume)
+    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=cfg.num_workers,
+                              generator=torch.Generator().manual_seed(cfg.seed))
+    # validation forwards at most the training micro-batch: a run sized to fit memory in training fits here too
+    val_loader = DataLoader(val_set, batch_size=micro_batch, num_workers=cfg.num_workers,
+                            sampler=ShardSampler(len(val_set), fabric.world_size, fabric.global_rank))
+    return fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
