@@ -89,6 +89,9 @@ class Config:
     """AdamW beta2."""
     grad_clip: float | None = None
     """Max gradient norm, applied once per optimizer step. Unset means off."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (0.999: about the last 1,000 steps); it is
+    what validation, best.ckpt, test.py, sample.py and --init_from use. 0: off."""
     dropout: float = 0.1
     """Dropout probability of the model."""
     compile: bool = False
@@ -155,6 +158,9 @@ class Config:
              f"must fit the file system's {MAX_NAME_BYTES}"),
             ("weight_decay", self.weight_decay >= 0, "at least 0"),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
+            ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0 is off)"),
+            ("ema_decay", self.ema_decay == 0 or self.strategy != "fsdp2",
+             "0 under strategy=fsdp2 (not supported there yet)"),
             ("num_workers", self.num_workers >= 0, "at least 0"),
             ("num_checkpoint_keep", self.num_checkpoint_keep >= 1, "at least 1"),
             ("lr_schedule", self.lr_schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),

@@ -9,6 +9,7 @@ It only reads the run, on one device: safe while the run is still training.
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from config import load_run_config
 from data import vocabulary
 from model import make_model
+from utils.checkpoint import holds_average
 from utils.exits import exit_run, fail
 from utils.launching import make_fabric
 from utils.run_dir import load_weights_for_reading
@@ -67,7 +69,9 @@ def main() -> None:
     # -- model and checkpoint, on one device ---------------------------------------------------------------------
     fabric = make_fabric(dataclasses.replace(cfg, devices=1, num_nodes=1, strategy="auto"))
     model = make_model(cfg)
-    load_weights_for_reading(fabric, args.out_dir, args.checkpoint, model)  # a file or shards
+    checkpoint = load_weights_for_reading(fabric, args.out_dir, args.checkpoint, model)  # a file or shards
+    if holds_average(checkpoint):  # said apart from the text
+        print(f"sample.py: the moving average of the weights (--ema_decay) in {checkpoint}", file=sys.stderr)
     model = fabric.setup_module(model).eval()
 
     # -- generate ------------------------------------------------------------------------------------------------

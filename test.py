@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from config import load_run_config
 from model import make_model
 from train import evaluate
-from utils.checkpoint import checkpoint_step, write_text_atomically
+from utils.checkpoint import checkpoint_step, holds_average, write_text_atomically
 from utils.console import print0
 from utils.datasets import load_datasets
 from utils.exits import exit_run, fail
@@ -65,10 +65,11 @@ def main() -> None:
     model = fabric.setup_module(model)
 
     # -- evaluate (all ranks) and report (rank 0) ----------------------------------------------------------------
-    metrics = {"checkpoint": str(checkpoint), "checkpoint_step": checkpoint_step(checkpoint),
+    weights = "moving average" if holds_average(checkpoint) else "weights"  # --ema_decay: the average was validated
+    metrics = {"checkpoint": str(checkpoint), "checkpoint_step": checkpoint_step(checkpoint), "weights": weights,
                **evaluate(fabric, model, loader, cfg)}  # make_metrics of train.py, as in validation
     numbers = ", ".join(f"test {name} {value:.4f}" for name, value in metrics.items() if isinstance(value, float))
-    print0(f"{numbers} on {metrics['samples']} samples ({checkpoint})")
+    print0(f"{numbers} on {metrics['samples']} samples ({checkpoint}{', its moving average' * (weights != 'weights')})")
     if fabric.is_global_zero:
         results_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomically(results_dir / "test_metrics.json", json.dumps(metrics, indent=2) + "\n")

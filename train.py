@@ -19,6 +19,7 @@ training_step, make_metrics and validation_step just below, make_datasets (data.
     sbatch scripts/train.slurm                               # SLURM: srun python train.py ...
 """
 
+import contextlib
 import copy
 import math
 import sys
@@ -46,6 +47,7 @@ from utils.checkpoint import (
 from utils.console import print0, progress_bar
 from utils.datasets import load_datasets, make_loaders
 from utils.early_stopping import follow_validation, monitor_direction
+from utils.ema import EMA
 from utils.exits import exit_run, fail
 from utils.launching import launch, make_fabric
 from utils.loggers import close_loggers, is_log_step, log_hyperparams, make_loggers
@@ -162,6 +164,7 @@ def main(cfg: Config) -> None:
     # -- model and optimizer ---------------------------------------------------------------------------------------
     model, optimizer, param_groups = setup_model(fabric, cfg, lr, train_set, batches.micro,
                                                  lambda module, batch: step_loss(module, batch, cfg))
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None  # validated, saved and read in place of the weights
 
     # speed at log steps: samples (tokens) per second; on a GPU also FLOPs per second and MFU, from one FLOP count
     speed = Speed(fabric, cfg, train_set[0], batches, lambda: make_model(cfg), lambda m, b: step_loss(m, b, cfg))
@@ -179,6 +182,8 @@ def main(cfg: Config) -> None:
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the loss scale must survive too
     if scaler is not None:
         state["scaler"] = scaler
+    if ema is not None:
+        state["ema"] = ema
 
     # -- resume: the named checkpoint, or the newest that opens (corrupt ones are moved aside) -------------------
     resumed_from = resume_state(fabric, cfg, ckpt_dir, resume_file, state, batches) if resumed else None
@@ -249,6 +254,8 @@ def main(cfg: Config) -> None:
                                                   error_if_nonfinite=False)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
             # -----------------------------------------------------------------------------------------------------
 
             global_step += 1
@@ -290,7 +297,8 @@ def main(cfg: Config) -> None:
             # validate, and follow the best value
             improved = False
             if validate:
-                val = evaluate(fabric, model, val_loader, cfg)  # all ranks: every rank gets the same values
+                with ema.swapped_in() if ema else contextlib.nullcontext():  # the average, where there is one
+                    val = evaluate(fabric, model, val_loader, cfg)  # all ranks: every rank gets the same values
                 metrics |= {f"val_{name}": value for name, value in val.items() if isinstance(value, float)}
                 if total_steps >= steps_per_epoch:  # epochs mean something only in a run that covers one
                     metrics["epoch"] = global_step / steps_per_epoch

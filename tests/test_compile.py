@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import assert_one_error_line, only_run, run_script
 
-pytestmark = pytest.mark.slow
+from utils.compile_check import GRADIENT_FLOOR, gradient_error, tolerance
+
 ARGS = ["--accelerator", "cpu", "--logger_name", "csv", "--compile", "--max_steps", "2"]
 
 
@@ -14,6 +15,20 @@ def driver(root, *args, backend: str, ranks: str | None = None, check_rc=0):
     return run_script("tests/fault_driver.py", "--root_dir", root, *ARGS, *args, env=env, check_rc=check_rc)
 
 
+def test_a_gradient_is_judged_at_the_scale_of_the_largest():
+    """A bias gradient that is zero in exact arithmetic (1e-13 one way, 0 the other) passes beside gradients of
+    1e-3; a gradient compiled to zero fails (the inductor bug); judged by its own norm alone (the rule of before,
+    floor 0) the first fails too: a negative control."""
+    largest = torch.tensor(1e-3) * GRADIENT_FLOOR
+    zero_in_theory = torch.full((4,), 5e-14)
+    assert gradient_error(zero_in_theory, torch.zeros(4), largest) < 1e-6
+    assert gradient_error(zero_in_theory, torch.zeros(4), torch.tensor(0.0)) > tolerance("32-true")
+    convolution = torch.full((8,), 1e-4)
+    assert gradient_error(convolution, torch.zeros(8), largest) == 1
+    assert gradient_error(convolution, convolution * 1.0000001, largest) < 1e-3
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.__version__.startswith("2.13.0"), reason="the inductor bug was seen in torch 2.13.0")
 def test_the_real_inductor_bug_on_the_default_cnn_is_caught(tmp_path):
     """torch 2.13.0's inductor zeroes a convolution's gradient of the default CNN on CPU, with a right forward."""
@@ -23,6 +38,7 @@ def test_the_real_inductor_bug_on_the_default_cnn_is_caught(tmp_path):
     assert list(tmp_path.iterdir()) == []  # no run folder, no checkpoint
 
 
+@pytest.mark.slow
 def test_a_wrong_compiler_is_caught_and_every_rank_stops(tmp_path):
     """A backend that halves every gradient, on rank 1 only: both ranks reach the same verdict and exit 2."""
     result = driver(tmp_path, "--devices", "2", backend="half_gradients", ranks="1", check_rc=2)
@@ -30,6 +46,7 @@ def test_a_wrong_compiler_is_caught_and_every_rank_stops(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_wrong_compiler_is_caught_under_fsdp2(tmp_path):
     """Under fsdp2 each sharding unit is compiled (torch.compile skips a sharded module's forward, so a whole-model
     compile would compare eager mode with itself): the halved gradients of rank 1 are caught through the sharded
@@ -40,6 +57,7 @@ def test_a_wrong_compiler_is_caught_under_fsdp2(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_right_compiler_passes_with_dropout_and_trains(tmp_path):
     """aot_eager compiles the same arithmetic: the check passes (dropout is on: both draw the same masks) and the
     run trains. --compile_check false skips the check even for a wrong compiler."""

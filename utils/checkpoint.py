@@ -332,21 +332,32 @@ def newest_that_opens(ckpt_dir: Path, move_aside: bool, report: bool = True) -> 
     return None, None
 
 
-def read_model_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+def read_model_weights(path: Path, shapes_only: bool = False, average: bool = False) -> dict[str, torch.Tensor]:
     """The full model weights of a checkpoint file or folder of shards, or a plain state_dict file, read by this
     process alone (any strategy, any number of processes, no process group needed); memory-mapped from a file. With
-    shapes_only a folder's weights are empty tensors on the meta device (nothing read)."""
+    `average`, the moving average of the weights (--ema_decay) where the checkpoint holds one. With shapes_only a
+    folder's weights are empty tensors on the meta device (nothing read)."""
     if not path.is_dir():
         weights = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return weights["model"] if isinstance(weights.get("model"), dict) else weights  # a checkpoint, or weights
+        entry = "ema" if average and isinstance(weights.get("ema"), dict) else "model"
+        return weights[entry] if isinstance(weights.get(entry), dict) else weights  # a checkpoint, or weights
     check_shards(path)
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    weights = {key.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype,
-                                                       device="meta" if shapes_only else "cpu")
-               for key, item in saved.items() if key.startswith("model.")}
+    entry = "ema" if average and any(key.startswith("ema.") for key in saved) else "model"
+    weights = {key.removeprefix(f"{entry}."): torch.empty(item.size, dtype=item.properties.dtype,
+                                                          device="meta" if shapes_only else "cpu")
+               for key, item in saved.items() if key.startswith(f"{entry}.")}
     if not shapes_only:
-        dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
+        dcp.load({entry: weights}, checkpoint_id=path, no_dist=True)
     return weights
+
+
+def holds_average(path: Path) -> bool:
+    """Whether a checkpoint holds a moving average of the weights (a run with --ema_decay)."""
+    if path.is_dir():
+        return any(key.startswith("ema.") for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return isinstance(contents, dict) and isinstance(contents.get("ema"), dict)
 
 
 def load_checkpoint(fabric: Fabric, path: Path, state: dict) -> dict:
@@ -466,7 +477,7 @@ def load_model_weights(model: torch.nn.Module, path: str) -> str:
     prefixed 'module.'). Missing and unexpected keys are allowed and reported; a shape that does not fit, or a file
     that loads none of the model's tensors, raises CheckpointError."""
     try:
-        weights = read_model_weights(Path(path))
+        weights = read_model_weights(Path(path), average=True)
     except FileNotFoundError:
         raise CheckpointError(": no such file") from None
     except Exception as err:
@@ -488,7 +499,8 @@ def load_model_weights(model: torch.nn.Module, path: str) -> str:
     if mismatch:
         raise CheckpointError(f" does not fit the model: {mismatch}")
     result = model.load_state_dict(weights, strict=False)
-    return (f"init_from {path}: {len(shared)} of the model's {len(own)} tensors loaded"
+    averaged = " (its moving average)" if holds_average(Path(path)) else ""
+    return (f"init_from {path}{averaged}: {len(shared)} of the model's {len(own)} tensors loaded"
             f"{' (unwrapped ' + ' and '.join(unwrapped) + ')' if unwrapped else ''}; missing keys: "
             f"{result.missing_keys or 'none'}; unexpected keys: {result.unexpected_keys or 'none'}")
 

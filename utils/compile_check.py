@@ -56,14 +56,19 @@ def compiled_gradient_error(fabric: Fabric, model, batch, step_loss, seed: int) 
     zero = torch.zeros((), device=fabric.device)
     pairs = [(zero if eager is None else eager.float(), zero if compiled is None else compiled.float())
              for eager, compiled in zip(eager_grads, compiled_grads, strict=True)]  # None: took no part
-    norms = torch.stack([eager.norm() for eager, _ in pairs] or [zero])
+    norms = torch.stack([eager.norm() for eager, _ in pairs] or [zero])  # a model without parameters has none
     floor = fabric.all_reduce(norms.max(), reduce_op="max") * GRADIENT_FLOOR  # all ranks: the largest gradient's
-    for (eager_grad, compiled_grad), norm in zip(pairs, norms, strict=True):
-        difference = (compiled_grad - eager_grad).norm()
-        errors.append(difference / torch.maximum(norm, floor).clamp_min(1e-12) if difference > 0 else difference)
+    errors += [gradient_error(eager_grad, compiled_grad, floor) for eager_grad, compiled_grad in pairs]
     errors = fabric.all_reduce(torch.stack(errors), reduce_op="max")  # all ranks
     worst = int(errors.argmax())
     return ("loss", *names)[worst], float(errors[worst])
+
+
+def gradient_error(eager: torch.Tensor, compiled: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """How far a compiled gradient is from eager mode's: relative to the eager gradient's norm, or to `floor` where
+    that is smaller (an exactly-zero gradient that rounding makes 1e-13 has no scale of its own)."""
+    difference = (compiled - eager).norm()
+    return difference / torch.maximum(eager.norm(), floor).clamp_min(1e-12) if difference > 0 else difference
 
 
 def check_compiled_model(fabric: Fabric, model, batch, step_loss, seed: int, precision: str | None) -> None:

@@ -22,7 +22,8 @@ from utils.run_dir import run_record
 # state entries newer than some checkpoints: each starts from the entry that stood for it before
 ADDED_LATER = {"stop_reference": "best_value"}  # early stopping's reference used to be the best value
 # state entries a checkpoint may lack, that start fresh
-FRESH_IF_ABSENT = {"scaler": "the loss scale of 16-mixed starts fresh (the run trained at another precision)"}
+FRESH_IF_ABSENT = {"scaler": "the loss scale of 16-mixed starts fresh (the run trained at another precision)",
+                   "ema": "the moving average of the weights (--ema_decay) starts from the resumed weights"}
 
 
 def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state: dict,
@@ -46,10 +47,15 @@ def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state:
         fail(f"checkpoint {path} has no {missing[0]!r}, which this run's state holds (added to `state` after it was "
              f"saved): give it a value for older checkpoints in train.py, or resume from a newer checkpoint")
     kept = {key: state.pop(key) for key in [*stand_ins, *fresh]}
-    rng = load_checkpoint(fabric, path, state)["rng"]  # a file or a folder of shards, into any strategy
+    unused = load_checkpoint(fabric, path, state)  # a file or a folder of shards, into any strategy
     state.update({key: state[other] for key, other in stand_ins.items()}, **{key: kept[key] for key in fresh})
     for key in fresh:
+        if hasattr(state[key], "restart"):
+            state[key].restart()
         print0(f"checkpoint {path.name} has no {key}: {FRESH_IF_ABSENT[key]}")
+    if "ema" in unused:
+        print0(f"checkpoint {path.name} holds a moving average of the weights: dropped (--ema_decay is 0)")
+    rng = unused["rng"]
     for name in ("eff_batch_size", "seed"):  # a new batch size or seed would change the epoch in progress
         if state["config"][name] != getattr(cfg, name):
             fail(f"{name}={getattr(cfg, name)} differs from the checkpoint's {state['config'][name]}: "

@@ -237,10 +237,11 @@ def record_resume(run_dir: Path, settings: dict, derived: dict, at_step: int, ch
 def load_weights_for_reading(fabric: Fabric, run_dir: Path, choice: str | None, model) -> Path:
     """All ranks, for a reader of a run (test.py, sample.py): loads the full weights of the checkpoint `choice` names
     (see choose_checkpoint; a file or a folder of shards) into `model` before Fabric sets it up, changing nothing in
-    the run. A checkpoint that is missing, does not open or does not fit the model is a one-line error."""
+    the run: their moving average where the run kept one (--ema_decay). A checkpoint that is missing, does not open or
+    does not fit the model is a one-line error."""
     try:
         checkpoint = choose_checkpoint(fabric, run_dir, choice)
-        weights = read_model_weights(checkpoint)
+        weights = read_model_weights(checkpoint, average=True)
     except CheckpointError as err:
         fail(f"checkpoint={choice!r}: {err}")
     mismatch = model_mismatch(weights, model.state_dict())
