@@ -229,6 +229,7 @@ def main(cfg: Config) -> None:
     unsynced_steps = []  # this rank's loss (and other values) of each step since the last log, validation or checkpoint
     stop_early = False
     progress = progress_bar(total_steps, start_step, enabled=fabric.is_global_zero)
+    model.train()  # dropout on: a model may come in eval mode (Hugging Face's from_pretrained returns one)
     for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
         sampler.set_position(epoch, global_step - epoch * steps_per_epoch)  # skips steps a resumed epoch has seen
         step_values = 0  # the step's loss and other values, on the device: reading them would wait for it

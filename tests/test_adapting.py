@@ -98,6 +98,38 @@ def validation_step(model, batch, metrics, cfg):
 }
 
 
+HUGGING_FACE = {  # a BERT classifier from a local folder, batches as dicts, the model's output object
+    "data.py:make_datasets": '''
+def make_datasets(cfg):
+    """Token sequences as a tokenizer gives them, labelled by whether token 7 occurs: lists of dict samples."""
+    ids = torch.randint(1, 50, (600, 16), generator=torch.Generator().manual_seed(0))
+    labels = (ids == 7).any(1).long()
+    samples = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": label} for i, label in zip(ids, labels)]
+    return samples[:400], samples[400:500], samples[500:]
+''',
+    "model.py:make_model": '''
+def make_model(cfg):
+    from transformers import BertForSequenceClassification
+
+    return BertForSequenceClassification.from_pretrained("MODEL_FOLDER", hidden_dropout_prob=cfg.dropout)
+''',
+    "train.py:training_step": '''
+def training_step(model, batch, cfg):
+    return model(**batch).loss
+''',
+    "train.py:make_metrics": '''
+def make_metrics(cfg):
+    return MetricCollection({"loss": MeanLoss(), "acc": MulticlassAccuracy(2, average="micro")})
+''',
+    "train.py:validation_step": '''
+def validation_step(model, batch, metrics, cfg):
+    output = model(**batch)
+    metrics["loss"].update(output.loss, weight=len(batch["labels"]))
+    metrics["acc"].update(output.logits, batch["labels"])
+''',
+}
+
+
 def adapted_copy(tmp_path, functions: dict[str, str]):
     """The project copied, with each `file:function` (a top-level definition) replaced by the given source."""
     repo = tmp_path / "project"
@@ -162,3 +194,22 @@ def test_contrastive_dict_batches_with_accumulation_and_a_value_logged_every_ste
     assert {"train_loss", "train_alignment", "val_loss", "val_alignment"} <= rows[0].keys()
     alignments = [float(row["train_alignment"]) for row in rows]
     assert len(alignments) == 18 and all(-1 <= value <= 1 for value in alignments)
+
+
+def test_a_hugging_face_model_with_dict_batches(tmp_path):
+    """transformers from the registry (requirements-test.txt), a tiny BERT built from a config and saved to a local
+    folder: nothing is downloaded."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "tiny-bert"
+    config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=16, num_labels=2)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(config).save_pretrained(folder)
+    functions = {**HUGGING_FACE, "model.py:make_model": HUGGING_FACE["model.py:make_model"].replace("MODEL_FOLDER",
+                                                                                                     str(folder))}
+    repo = adapted_copy(tmp_path, functions)
+    settings = ["--accelerator", "cpu", "--logger_name", "csv", "--epochs", "2", "--eff_batch_size", "50",
+                "--monitor", "val_acc"]  # 8 steps per epoch
+    run, metrics, printed = check_adaptation(repo, tmp_path, settings, stop_at=11)
+    assert {"loss", "acc"} <= metrics.keys() and metrics["samples"] == 100 and "test acc" in printed
+    assert load(run / "checkpoints" / "best.ckpt")["model"]["classifier.weight"].shape == (2, 32)
