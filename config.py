@@ -159,8 +159,6 @@ class Config:
             ("weight_decay", self.weight_decay >= 0, "at least 0"),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0 is off)"),
-            ("ema_decay", self.ema_decay == 0 or self.strategy != "fsdp2",
-             "0 under strategy=fsdp2 (not supported there yet)"),
             ("num_workers", self.num_workers >= 0, "at least 0"),
             ("num_checkpoint_keep", self.num_checkpoint_keep >= 1, "at least 1"),
             ("lr_schedule", self.lr_schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),

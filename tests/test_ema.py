@@ -92,3 +92,24 @@ def test_two_processes_resume_exactly_and_switching_it_on_or_off_says_so(tmp_pat
     assert "has no ema: the moving average of the weights (--ema_decay) starts from the resumed weights" in \
         result.stdout
     assert "ema" in load(checkpoints(stopped)[-1])
+
+
+@pytest.mark.slow
+def test_fsdp2_averages_shards_resumes_exactly_and_crosses_to_ddp(tmp_path):
+    fsdp2 = [*ARGS, "--devices", "2", "--strategy", "fsdp2"]
+    run_script("train.py", "--root_dir", tmp_path / "straight", *fsdp2)
+    run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *fsdp2, check_rc=143,
+               env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": "25"})
+    stopped = only_run(tmp_path / "stopped")
+    run_script("train.py", "--root_dir", tmp_path / "stopped", *fsdp2, "--resume", stopped)
+    a, b = (load(checkpoints(only_run(tmp_path / name))[-1] / "meta.pt") for name in ("straight", "stopped"))
+    assert a["global_step"] == b["global_step"] == 38
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])  # full tensors, gathered from the shards
+    assert a["ema"]["0.weight"].shape == (32, 1, 3, 3)
+
+    result = run_script("test.py", "--out_dir", stopped, "--devices", "1", "--strategy", "auto")
+    assert "best.ckpt, its moving average)" in result.stdout  # a folder of shards, read on one process
+    result = run_script("train.py", "--resume", stopped, "--epochs", "3", "--devices", "1", "--strategy", "auto")
+    assert "resuming on world size 1 (was 2)" in result.stdout
+    resumed = load(checkpoints(stopped)[-1])  # a file now: the average crossed from shards to one process
+    assert resumed["global_step"] == 57 and not torch.equal(resumed["ema"]["0.weight"], b["ema"]["0.weight"])

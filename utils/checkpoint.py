@@ -342,21 +342,21 @@ def read_model_weights(path: Path, shapes_only: bool = False, average: bool = Fa
         entry = "ema" if average and isinstance(weights.get("ema"), dict) else "model"
         return weights[entry] if isinstance(weights.get(entry), dict) else weights  # a checkpoint, or weights
     check_shards(path)
+    if average and holds_average(path):  # full tensors in meta.pt (utils/ema.py gathers them)
+        return torch.load(path / "meta.pt", map_location="cpu", weights_only=True, mmap=True)["ema"]
     saved = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    entry = "ema" if average and any(key.startswith("ema.") for key in saved) else "model"
-    weights = {key.removeprefix(f"{entry}."): torch.empty(item.size, dtype=item.properties.dtype,
-                                                          device="meta" if shapes_only else "cpu")
-               for key, item in saved.items() if key.startswith(f"{entry}.")}
+    weights = {key.removeprefix("model."): torch.empty(item.size, dtype=item.properties.dtype,
+                                                       device="meta" if shapes_only else "cpu")
+               for key, item in saved.items() if key.startswith("model.")}
     if not shapes_only:
-        dcp.load({entry: weights}, checkpoint_id=path, no_dist=True)
+        dcp.load({"model": weights}, checkpoint_id=path, no_dist=True)
     return weights
 
 
 def holds_average(path: Path) -> bool:
-    """Whether a checkpoint holds a moving average of the weights (a run with --ema_decay)."""
-    if path.is_dir():
-        return any(key.startswith("ema.") for key in dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
-    contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    """Whether a checkpoint (a file, or a folder's meta.pt) holds a moving average of the weights (--ema_decay)."""
+    contents = torch.load(path / "meta.pt" if path.is_dir() else path, map_location="cpu", weights_only=True,
+                          mmap=True)
     return isinstance(contents, dict) and isinstance(contents.get("ema"), dict)
 
 
@@ -380,7 +380,7 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict) -> dict:
     options = StateDictOptions(full_state_dict=not path.is_dir())
     set_model_state_dict(module, full["model"], options=options)
     set_optimizer_state_dict(module, optimizer, full["optimizer"], options=options)
-    for key in state.keys() - {"model", "optimizer"}:
+    for key in [key for key in state if key not in ("model", "optimizer")]:  # one order on every rank (collectives)
         if hasattr(state[key], "load_state_dict"):
             state[key].load_state_dict(rest.pop(key))
         else:
