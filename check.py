@@ -64,7 +64,7 @@ def first_difference(a: dict, b: dict, prefix: str = "") -> str | None:
         elif isinstance(left, torch.Tensor):
             if not isinstance(right, torch.Tensor) or not torch.equal(left, right):
                 return name
-        elif left != right and key not in ("finished",):
+        elif left != right:
             return name
     return None
 

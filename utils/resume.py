@@ -19,8 +19,9 @@ from utils.lr_schedule import lr_at
 from utils.rng import restore_rng
 from utils.run_dir import run_record
 
-# state entries newer than some checkpoints: each starts from the entry that stood for it before
-ADDED_LATER = {"stop_reference": "best_value"}  # early stopping's reference used to be the best value
+# state entries newer than some checkpoints, and their value for such a checkpoint, from the state it restored
+ADDED_LATER = {"stop_reference": lambda state: state["best_value"],  # early stopping's reference was the best value
+               "log_extra_sums": lambda state: {}}  # training_step returned its loss alone
 # state entries a checkpoint may lack, that start fresh
 FRESH_IF_ABSENT = {"scaler": "the loss scale of 16-mixed starts fresh (the run trained at another precision)",
                    "ema": "the moving average of the weights (--ema_decay) starts from the resumed weights"}
@@ -40,7 +41,7 @@ def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state:
     if mismatch:
         fail(f"checkpoint {path} does not fit the model: {mismatch}")
     saved = set(open_checkpoint(path)) | ({"model", "optimizer"} if path.is_dir() else set())  # shards hold those
-    stand_ins = {key: other for key, other in ADDED_LATER.items() if key in state and key not in saved}
+    stand_ins = {key: value_of for key, value_of in ADDED_LATER.items() if key in state and key not in saved}
     fresh = [key for key in FRESH_IF_ABSENT if key in state and key not in saved]
     missing = sorted(state.keys() - saved - stand_ins.keys() - set(fresh))
     if missing:
@@ -48,7 +49,7 @@ def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state:
              f"saved): give it a value for older checkpoints in train.py, or resume from a newer checkpoint")
     kept = {key: state.pop(key) for key in [*stand_ins, *fresh]}
     unused = load_checkpoint(fabric, path, state)  # a file or a folder of shards, into any strategy
-    state.update({key: state[other] for key, other in stand_ins.items()}, **{key: kept[key] for key in fresh})
+    state.update({key: value_of(state) for key, value_of in stand_ins.items()}, **{key: kept[key] for key in fresh})
     for key in fresh:
         if hasattr(state[key], "restart"):
             state[key].restart()
