@@ -50,7 +50,7 @@ from utils.early_stopping import follow_validation, monitor_direction
 from utils.ema import EMA
 from utils.exits import exit_run, fail
 from utils.launching import launch, make_fabric
-from utils.loggers import close_loggers, is_log_step, log_hyperparams, make_loggers
+from utils.loggers import close_loggers, is_log_step, log_hparams_table, log_hyperparams, make_loggers
 from utils.loss_check import check_losses_and_votes, split_step_output
 from utils.lr_schedule import lr_at
 from utils.model_setup import setup_model
@@ -149,8 +149,7 @@ def main(cfg: Config) -> None:
 
     # -- data: every optimizer step sees the same eff_batch_size samples on any number of devices -------------
     train_set, val_set, _ = load_datasets(fabric, cfg)
-    task_metrics = make_metrics(cfg)
-    better = monitor_direction(cfg, task_metrics)  # --monitor names one of them: checked before the model is built
+    better = monitor_direction(cfg, make_metrics(cfg))  # --monitor names a metric: checked before the model is built
     sampler = ResumableShuffleSampler(len(train_set), batches.per_device, fabric.world_size, fabric.global_rank,
                                       cfg.seed)
     steps_per_epoch = sampler.steps_per_epoch
@@ -200,6 +199,7 @@ def main(cfg: Config) -> None:
                "accum_steps": batches.accum_steps, "micro_batch_size": batches.micro, "lr": lr,
                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "param_groups": param_groups}
     settings = settings_record(cfg)
+    hyperparams = {**settings, **derived}
     if fabric.is_global_zero:  # and the code that runs: provenance.yaml, a copy in code/ (see utils/provenance.py)
         code_copy = record_provenance(run_dir, fabric.world_size, cfg.num_nodes, fabric.device)
         if resumed:
@@ -212,7 +212,7 @@ def main(cfg: Config) -> None:
     loggers = make_loggers(cfg.logger_name, run_dir, start_step, cfg.wandb_project) if fabric.is_global_zero else []
     fabric._loggers = loggers
     if start_step == 0:  # once per run
-        log_hyperparams(fabric.loggers, {**settings, **derived}, metric_names=[f"val_{name}" for name in task_metrics])
+        log_hyperparams(fabric.loggers, hyperparams)
     if resumed_from is not None:
         print0(f"resumed from {resumed_from} at step {start_step}")
     print0(f"run folder {run_dir}: {fabric.world_size} process(es) x {batches.per_device} samples "
@@ -304,9 +304,11 @@ def main(cfg: Config) -> None:
                 if total_steps >= steps_per_epoch:  # epochs mean something only in a run that covers one
                     metrics["epoch"] = global_step / steps_per_epoch
                 where = f" (epoch {metrics['epoch']:.2f})" if "epoch" in metrics else ""
-                print0(f"step {global_step}{where}: " + ", ".join(f"{name.replace('_', ' ')} {value:.4f}"
-                                                                   for name, value in metrics.items()
-                                                                   if name.startswith("val_")))
+                val_scalars = [name for name in metrics if name.startswith("val_")]
+                print0(f"step {global_step}{where}: " + ", ".join(f"{name.replace('_', ' ')} {metrics[name]:.4f}"
+                                                                   for name in val_scalars))
+                if best_value is None:  # the run's first validation: TensorBoard's table gets its scalar metrics
+                    log_hparams_table(fabric.loggers, hyperparams, val_scalars)
                 improved, best_value, stop_reference, bad_validations = follow_validation(
                     val[cfg.monitor.removeprefix("val_")], better, best_value, stop_reference, bad_validations,
                     cfg.early_stop_min_delta)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import FAST, checkpoints, load, max_weight_diff, only_run
+from conftest import FAST, checkpoints, load, max_weight_diff, only_run, workload
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -61,8 +61,8 @@ def _count_calls(run):
 
 
 def test_accumulation_counts_steps_and_matches_one_big_batch(root):
-    """eff 64 in micro-batches of 16: 4 forwards per optimizer step, 19 steps per epoch, same weights as no
-    accumulation (float64, no dropout), so the loss is averaged right."""
+    """eff 64 in micro-batches of 16: 4 forwards per optimizer step, steps_per_epoch steps per epoch, same weights as
+    no accumulation (float64, no dropout), so the loss is averaged right."""
     common = [*FAST, "--precision", "64-true", "--dropout", "0", "--logger_name", "csv"]
     results = {}
     for micro in ("16", None):
@@ -71,7 +71,7 @@ def test_accumulation_counts_steps_and_matches_one_big_batch(root):
         counts = _count_calls(lambda cfg=cfg: main(cfg))
         results[micro] = (counts, load(checkpoints(only_run(sub))[-1])["model"])
     accumulated, plain = results["16"][0], results[None][0]
-    assert accumulated["optimizer_steps"] == plain["optimizer_steps"] == 2 * (1257 // 64)
-    assert accumulated["forwards"] == 4 * 2 * (1257 // 64)
-    assert plain["forwards"] == 2 * (1257 // 64)
+    steps = 2 * workload().steps_per_epoch
+    assert accumulated["optimizer_steps"] == plain["optimizer_steps"] == steps
+    assert accumulated["forwards"] == 4 * steps and plain["forwards"] == steps
     assert max_weight_diff(results["16"][1], results[None][1]) < 1e-12

@@ -6,30 +6,39 @@ import subprocess
 import sys
 
 import pytest
-from test_adapting import adapted_copy
+from test_example_adaptations import adapted_copy
 
 pytestmark = pytest.mark.slow
 FLAGS = ["--accelerator", "cpu"]
 
-COUNTER = {  # state outside the checkpoint: a counter that a resumed process starts again from 0
-    "train.py:training_step": '''
+COUNTER = '''
 CALLS = [0]
 
 
-def training_step(model, batch, cfg):
+def training_step(model, batch, cfg):  # the copy's own step, weighted by a counter that a resumed process restarts
     CALLS[0] += 1
-    inputs, targets = batch
-    logits = model(inputs)
-    return F.cross_entropy(logits, targets) * (1 + CALLS[0] % 3)
-'''}
+    return scaled(users_training_step(model, batch, cfg), 1 + CALLS[0] % 3)
+'''
 
-BATCH_STATISTICS = {  # a loss that depends on which samples share a batch, not a mean over samples
-    "train.py:training_step": '''
-def training_step(model, batch, cfg):
-    inputs, targets = batch
-    logits = model(inputs)
-    return F.cross_entropy(logits, targets) + logits.var(0).mean()
-'''}
+BATCH_STATISTICS = '''
+def training_step(model, batch, cfg):  # the copy's own step, weighted by a statistic of the whole micro-batch
+    first = torch.utils._pytree.tree_leaves(batch)[0].double()
+    return scaled(users_training_step(model, batch, cfg), 1 + first.std(0).mean())
+'''
+
+
+def with_wrapped_step(tmp_path, wrapper: str):
+    """A copy of the project (whatever its task) whose training_step wraps the copy's own, renamed."""
+    repo = adapted_copy(tmp_path, {})
+    text = (repo / "train.py").read_text().replace("\ndef training_step(", "\ndef users_training_step(", 1)
+    scaled = '''
+
+def scaled(output, factor):
+    return {**output, "loss": output["loss"] * factor} if isinstance(output, dict) else output * factor
+'''
+    main = text.index("\n\n@torch.no_grad()\ndef evaluate(")
+    (repo / "train.py").write_text(text[:main] + scaled + "\n" + wrapper + text[main:])
+    return repo
 
 
 def check(repo, *args):
@@ -48,7 +57,7 @@ def test_the_template_as_shipped_keeps_its_promises(tmp_path):
 
 
 def test_a_counter_outside_the_checkpoint_fails_resume(tmp_path):
-    result = check(adapted_copy(tmp_path, COUNTER), "--only", "resume")
+    result = check(with_wrapped_step(tmp_path, COUNTER), "--only", "resume")
     assert result.returncode == 1
     resume = result.stdout.splitlines()[0]
     assert "FAILS" in resume and "differs after a resume at step 5 of 10" in resume
@@ -56,7 +65,7 @@ def test_a_counter_outside_the_checkpoint_fails_resume(tmp_path):
 
 
 def test_a_loss_over_the_batch_fails_devices_and_accumulation(tmp_path):
-    result = check(adapted_copy(tmp_path, BATCH_STATISTICS), "--only", "splits")
+    result = check(with_wrapped_step(tmp_path, BATCH_STATISTICS), "--only", "splits")
     assert result.returncode == 1
     resume, splits = result.stdout.splitlines()[:2]
     assert "skipped (--only)" in resume and "FAILS" in splits and "the loss is not a mean over samples" in splits

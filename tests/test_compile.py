@@ -29,20 +29,10 @@ def test_a_gradient_is_judged_at_the_scale_of_the_largest():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not torch.__version__.startswith("2.13.0"), reason="the inductor bug was seen in torch 2.13.0")
-def test_the_real_inductor_bug_on_the_default_cnn_is_caught(tmp_path):
-    """torch 2.13.0's inductor zeroes a convolution's gradient of the default CNN on CPU, with a right forward."""
-    result = run_script("train.py", "--root_dir", tmp_path, *ARGS, check_rc=2)
-    assert_one_error_line(result, "compile=True: the compiled model's gradient of", "differs from eager mode's by 1 ",
-                          "--compile false", "--compile_check false")
-    assert list(tmp_path.iterdir()) == []  # no run folder, no checkpoint
-
-
-@pytest.mark.slow
 def test_a_wrong_compiler_is_caught_and_every_rank_stops(tmp_path):
     """A backend that halves every gradient, on rank 1 only: both ranks reach the same verdict and exit 2."""
     result = driver(tmp_path, "--devices", "2", backend="half_gradients", ranks="1", check_rc=2)
-    assert_one_error_line(result, "gradient of 0.weight differs from eager mode's by 0.5")
+    assert_one_error_line(result, "compile=True: the compiled model's gradient of", "differs from eager mode's by 0.5")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -53,7 +43,7 @@ def test_a_wrong_compiler_is_caught_under_fsdp2(tmp_path):
     gradients, and every rank stops."""
     result = driver(tmp_path, "--devices", "2", "--strategy", "fsdp2", backend="half_gradients", ranks="1",
                     check_rc=2)
-    assert_one_error_line(result, "compile=True: the compiled model's gradient of 0.weight differs")
+    assert_one_error_line(result, "compile=True: the compiled model's gradient of", "differs from eager mode's by 0.5")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -145,7 +145,6 @@ def test_missing_config_file(tmp_path, capsys):
     (["--devices", "0,1"], "devices='0,1' is invalid for accelerator='cpu'"),
     (["--root_dir", "/proc/no/runs"], "root_dir='/proc/no/runs' cannot be written (/proc: "),
     (["--monitor", "val_f1"], "monitor='val_f1' is invalid: expected one of val_"),  # not a metric of make_metrics
-    (["--monitor", "val_acc", "--monitor_mode", "min"], "monitor_mode='min' is invalid: expected max: a higher"),
     (["--monitor_mode", "max"], "monitor_mode='max' is invalid: expected min: a higher val_loss is worse"),
     (["--eff_batch_size", "4096"], "eff_batch_size=4096"),  # larger than the training set
     (["--resume", "no/such/run"], "resume='no/such/run'"),
@@ -166,14 +165,20 @@ def test_test_py_refuses_a_folder_that_is_not_a_run(tmp_path):
 
 def test_monitor_mode_follows_the_metric(capsys):
     from torchmetrics import MeanMetric
+    from torchmetrics.classification import MulticlassAccuracy
 
-    from train import make_metrics
     from utils.early_stopping import monitor_direction
 
-    metrics = make_metrics(Config())
+    class MeanLoss(MeanMetric):
+        higher_is_better = False
+
+    metrics = {"loss": MeanLoss(), "acc": MulticlassAccuracy(3)}
     assert monitor_direction(parse_config([]), metrics) == "min"
     assert monitor_direction(parse_config(["--monitor", "val_acc"]), metrics) == "max"
     assert monitor_direction(parse_config(["--monitor", "val_acc", "--monitor_mode", "max"]), metrics) == "max"
+    with pytest.raises(SystemExit):
+        monitor_direction(parse_config(["--monitor", "val_acc", "--monitor_mode", "min"]), metrics)
+    assert "monitor_mode='min' is invalid: expected max: a higher val_acc is better" in capsys.readouterr().err
     silent = {"score": MeanMetric()}  # a metric that does not say which way is better needs --monitor_mode
     assert monitor_direction(parse_config(["--monitor", "val_score", "--monitor_mode", "max"]), silent) == "max"
     with pytest.raises(SystemExit):

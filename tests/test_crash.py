@@ -2,6 +2,7 @@
 pickle, NaN losses, preemption signals from outside, and loggers that continue cleanly after a resume."""
 
 import csv
+import math
 import os
 import pickle
 import shutil
@@ -12,14 +13,15 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, assert_one_error_line, checkpoints, load, only_run, run_script
+from conftest import REPO, assert_one_error_line, checkpoints, load, only_run, run_script, workload
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from utils.checkpoint import list_checkpoints
+from utils.checkpoint import checkpoint_name, list_checkpoints
 
 pytestmark = pytest.mark.slow
 ARGS = ["--accelerator", "cpu", "--epochs", "2", "--logger_name", "csv"]
+STEPS = workload().steps_per_epoch  # optimizer steps per epoch (19 for the digits)
 
 
 def train(root, *args, script="train.py", **kwargs):
@@ -100,8 +102,8 @@ def test_corrupt_newest_is_moved_aside_and_the_one_before_used(tmp_path, two_epo
     result = train(root, "--resume", "auto", "--epochs", "3")
     assert f"warning: checkpoint {newest}" in result.stderr
     assert (run / "checkpoints" / f"{newest.name}.corrupt").is_file()
-    assert "at step 19" in result.stdout  # resumed from the epoch-1 checkpoint
-    assert load(checkpoints(run)[-1])["global_step"] == 57
+    assert f"at step {STEPS}" in result.stdout  # resumed from the epoch-1 checkpoint
+    assert load(checkpoints(run)[-1])["global_step"] == 3 * STEPS
 
 
 def test_explicit_resume_of_a_corrupt_file_exits_2(tmp_path, two_epochs):
@@ -131,10 +133,10 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path, two_epochs):
     with pytest.raises(pickle.UnpicklingError):  # the file really is refused by weights_only loading ...
         torch.load(crafted, weights_only=True)
     result = run_script("test.py", "--out_dir", run, "--checkpoint", "last")  # ... by test.py
-    assert f"warning: checkpoint {crafted}" in result.stderr and "epoch-0002-step-00000038" in result.stdout
+    assert f"warning: checkpoint {crafted}" in result.stderr and checkpoint_name(2, 2 * STEPS) in result.stdout
     torch.save({"model": RunsCommand(marker)}, crafted)
     result = train(root, "--resume", run, "--epochs", "3")  # ... and by resume
-    assert f"warning: checkpoint {crafted}" in result.stderr and "at step 38" in result.stdout
+    assert f"warning: checkpoint {crafted}" in result.stderr and f"at step {2 * STEPS}" in result.stdout
     assert not marker.exists()
 
 
@@ -146,7 +148,8 @@ def test_resume_refuses_changed_eff_batch_size_and_mismatched_shapes(tmp_path, t
     assert_one_error_line(result, "eff_batch_size=32", "64")
     newest = checkpoints(run)[-1]
     state = load(newest)
-    state["model"]["0.weight"] = torch.zeros(16, 1, 3, 3)
+    first, shape = workload().first_tensor, workload().first_shape
+    state["model"][first] = torch.zeros(shape[0] + 1, *shape[1:])
     torch.save(state, newest)
     result = train(root, "--resume", run, "--epochs", "3", check_rc=2)
     assert_one_error_line(result, f"checkpoint {newest} does not fit the model")
@@ -157,7 +160,7 @@ def test_resume_on_another_world_size_keeps_eff_batch_size(tmp_path, two_epochs)
     shutil.copytree(two_epochs, root)
     result = train(root, "--resume", only_run(root), "--epochs", "3", "--devices", "2")
     assert "resuming on world size 2 (was 1): 32 samples per device" in result.stdout
-    assert load(checkpoints(only_run(root))[-1])["global_step"] == 57
+    assert load(checkpoints(only_run(root))[-1])["global_step"] == 3 * STEPS
 
 
 # -- retention -----------------------------------------------------------------------------------------------------
@@ -168,7 +171,7 @@ def test_retention_counts_earlier_files_and_spares_the_resumed_checkpoint(tmp_pa
     run = only_run(root)
     assert len(names(run)) == 3
     train(root, "--resume", run, "--epochs", "5", "--num_checkpoint_keep", "1")
-    assert names(run) == ["epoch-0003-step-00000057.ckpt", "epoch-0005-step-00000095.ckpt"]
+    assert names(run) == [checkpoint_name(3, 3 * STEPS), checkpoint_name(5, 5 * STEPS)]
 
 
 def small_disk(path, megabytes):
@@ -195,10 +198,10 @@ def test_disk_full_during_save(tmp_path, devices):
         result = train(root, "--resume", run, "--epochs", "2", "--devices", devices, check_rc=1, timeout=120)
         # the first save of epoch 2 fails: best.ckpt if the validation improved, else the epoch checkpoint
         assert "could not save checkpoint" in result.stderr
-        assert "best.ckpt" in result.stderr or "epoch-0002-step-00000038.ckpt" in result.stderr
-        assert load(run / "checkpoints" / "best.ckpt")["global_step"] == 19  # the earlier best, intact
+        assert "best.ckpt" in result.stderr or f"epoch-0002-step-{2 * STEPS:08d}.ckpt" in result.stderr
+        assert load(run / "checkpoints" / "best.ckpt")["global_step"] == STEPS  # the earlier best, intact
         assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
-        assert names(run) == before and load(checkpoints(run)[-1])["global_step"] == 19
+        assert names(run) == before and load(checkpoints(run)[-1])["global_step"] == STEPS
         assert not list((run / "checkpoints").glob(".*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)])
@@ -207,11 +210,12 @@ def test_disk_full_during_save(tmp_path, devices):
 # -- bad states ----------------------------------------------------------------------------------------------------
 
 def test_nan_on_one_rank_stops_every_rank_before_the_step(tmp_path):
-    """A real NaN in rank 1's output at step 25: both ranks stop, no checkpoint after the last good one."""
+    """A real NaN in rank 1's output mid-epoch 2: both ranks stop, no checkpoint after the last good one."""
+    nan_at = STEPS + STEPS // 2
     result = train(tmp_path, "--devices", "2", script="tests/fault_driver.py", check_rc=1,
-                   env={"FAULT": "nan", "FAULT_AT_FORWARD": "25", "FAULT_RANKS": "1"})
-    assert "loss is nan at step 25" in result.stderr and "Traceback" not in result.stderr
-    assert names(only_run(tmp_path)) == ["epoch-0001-step-00000019.ckpt"]
+                   env={"FAULT": "nan", "FAULT_AT_FORWARD": str(nan_at), "FAULT_RANKS": "1"})
+    assert f"loss is nan at step {nan_at}" in result.stderr and "Traceback" not in result.stderr
+    assert names(only_run(tmp_path)) == [checkpoint_name(1, STEPS)]
 
 
 # -- preemption from outside ---------------------------------------------------------------------------------------
@@ -231,7 +235,8 @@ def test_sigterm_saves_and_resume_auto_continues_exactly(tmp_path):
     assert proc.returncode == 143, output
     run = only_run(tmp_path / "runs")
     stopped_at = load(checkpoints(run)[-1])["global_step"]
-    assert 19 <= stopped_at < 57 and f"step {stopped_at}; continue with: python train.py --resume {run}" in output
+    assert STEPS <= stopped_at < 3 * STEPS
+    assert f"step {stopped_at}; continue with: python train.py --resume {run}" in output
     assert subprocess.run(command, cwd=REPO, capture_output=True).returncode == 0
     run_script("train.py", "--root_dir", tmp_path / "reference", *ARGS, "--epochs", "3", "--devices", "2")
     final, reference = load(checkpoints(run)[-1]), load(checkpoints(only_run(tmp_path / "reference"))[-1])
@@ -249,12 +254,13 @@ def tb_tags(run) -> list[str]:
 
 
 def test_loggers_continue_after_a_kill(tmp_path):
-    """SIGKILL at step 30 (after rows for steps 24 and 29 were logged, past the step-19 checkpoint), resume:
+    """SIGKILL after epoch 2's second log row (the digits: at step 30, after rows for steps 24 and 29, past the
+    step-19 checkpoint), resume:
     csv and TensorBoard show every step once, with the values of a run that never stopped; wandb keeps its id.
     The resume warns about nothing, logs hyperparameters no second time, and counts throughput right."""
     args = ["--logger_name", "csv", "tensorboard", "wandb"]
     train(tmp_path / "killed", *args, script="tests/fault_driver.py", check_rc=-signal.SIGKILL,
-          env={"FAULT": "sigkill", "FAULT_AT_FORWARD": "30"})
+          env={"FAULT": "sigkill", "FAULT_AT_FORWARD": str(STEPS + math.ceil(STEPS / 2) + 1)})
     run = only_run(tmp_path / "killed")
     resumed = train(tmp_path / "killed", *args, "--resume", run)
     train(tmp_path / "reference", *args)
@@ -283,12 +289,15 @@ def test_loggers_continue_after_a_kill(tmp_path):
     events = EventAccumulator(str(run / "logs" / "tensorboard"))
     events.Reload()
     hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
-    # the metrics of make_metrics, not a placeholder (the confusion matrix is listed, though it logs no scalar)
-    assert {m.name.tag for m in hparams.experiment.metric_infos} == {"val_loss", "val_acc", "val_confusion"}
+    # the scalar metrics of make_metrics (a confusion matrix logs none), not a placeholder
     with open(run / "logs" / "csv" / "metrics.csv") as f:
-        speeds = [float(r["samples_per_sec"]) for r in csv.DictReader(f) if r["train_loss"]]
-    first_after_resume = speeds[4]  # step 24: the window right after the step-19 checkpoint
-    assert first_after_resume < 2.5 * max(speeds[:4] + speeds[5:]), speeds
+        assert {m.name.tag for m in hparams.experiment.metric_infos} == \
+            {name for name in csv.DictReader(f).fieldnames if name.startswith("val_")}
+    with open(run / "logs" / "csv" / "metrics.csv") as f:
+        windows = [(int(r["step"]), float(r["samples_per_sec"])) for r in csv.DictReader(f) if r["train_loss"]]
+    after = next(i for i, (step, _) in enumerate(windows) if step > STEPS)  # the window right after the checkpoint
+    speeds = [speed for _, speed in windows]
+    assert speeds[after] < 2.5 * max(speeds[:after] + speeds[after + 1:]), speeds
 
 
 def test_grad_scaler_state_survives_a_checkpoint(tmp_path):

@@ -5,7 +5,7 @@ import csv
 
 import pytest
 import torch
-from conftest import checkpoints, load, only_run, run_script
+from conftest import checkpoints, load, only_run, run_script, workload
 from lightning.fabric import Fabric
 from torch.utils.data import DataLoader
 
@@ -15,7 +15,9 @@ from model import make_model
 from train import evaluate
 from utils.ema import EMA
 
-ARGS = ["--accelerator", "cpu", "--logger_name", "csv", "--epochs", "2", "--ema_decay", "0.9"]  # 19 steps per epoch
+ARGS = ["--accelerator", "cpu", "--logger_name", "csv", "--epochs", "2", "--ema_decay", "0.9"]
+STEPS = workload().steps_per_epoch  # optimizer steps per epoch (19 for the digits)
+STOP_AT = str(STEPS + STEPS // 2)  # mid-epoch 2
 
 
 def test_the_average_follows_its_formula_and_swaps_in_and_out():
@@ -47,10 +49,10 @@ def rows(run):
 def test_validation_uses_the_average_and_a_stop_resumes_exactly(tmp_path):
     run_script("train.py", "--root_dir", tmp_path / "straight", *ARGS)
     straight = only_run(tmp_path / "straight")
-    # what validation at step 19 logged is the average's loss, not the weights'
+    # what the first validation logged is the average's loss, not the weights'
     cfg = parse_config(["--ema_decay", "0.9"])
     first = load(checkpoints(straight)[0])
-    logged = next(float(r["val_loss"]) for r in rows(straight) if r["step"] == "19")
+    logged = next(float(r["val_loss"]) for r in rows(straight) if r["step"] == str(STEPS))
     _, val_set, _ = make_datasets(cfg)
     scores = {}
     for entry in ("ema", "model"):
@@ -60,7 +62,7 @@ def test_validation_uses_the_average_and_a_stop_resumes_exactly(tmp_path):
     assert scores["ema"] == pytest.approx(logged, rel=1e-6) and abs(scores["model"] - logged) > 1e-3
 
     run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *ARGS, check_rc=143,
-               env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": "25"})
+               env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": STOP_AT})
     stopped = only_run(tmp_path / "stopped")
     run_script("train.py", "--root_dir", tmp_path / "stopped", *ARGS, "--resume", stopped)
     a, b = load(checkpoints(straight)[-1]), load(checkpoints(stopped)[-1])
@@ -72,14 +74,15 @@ def test_validation_uses_the_average_and_a_stop_resumes_exactly(tmp_path):
     assert "best.ckpt, its moving average)" in result.stdout
     result = run_script("train.py", "--root_dir", tmp_path / "tuned", "--accelerator", "cpu", "--max_steps", "1",
                         "--init_from", checkpoints(straight)[-1])
-    assert "(its moving average): 8 of the model's 8 tensors loaded" in result.stdout
+    tensors = workload().tensors
+    assert f"(its moving average): {tensors} of the model's {tensors} tensors loaded" in result.stdout
 
 
 @pytest.mark.slow
 def test_two_processes_resume_exactly_and_switching_it_on_or_off_says_so(tmp_path):
     run_script("train.py", "--root_dir", tmp_path / "straight", *ARGS, "--devices", "2")
     run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *ARGS, "--devices", "2", check_rc=143,
-               env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": "25"})
+               env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": STOP_AT})
     stopped = only_run(tmp_path / "stopped")
     run_script("train.py", "--root_dir", tmp_path / "stopped", *ARGS, "--devices", "2", "--resume", stopped)
     a, b = (load(checkpoints(only_run(tmp_path / name))[-1]) for name in ("straight", "stopped"))
@@ -99,17 +102,18 @@ def test_fsdp2_averages_shards_resumes_exactly_and_crosses_to_ddp(tmp_path):
     fsdp2 = [*ARGS, "--devices", "2", "--strategy", "fsdp2"]
     run_script("train.py", "--root_dir", tmp_path / "straight", *fsdp2)
     run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *fsdp2, check_rc=143,
-               env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": "25"})
+               env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": STOP_AT})
     stopped = only_run(tmp_path / "stopped")
     run_script("train.py", "--root_dir", tmp_path / "stopped", *fsdp2, "--resume", stopped)
     a, b = (load(checkpoints(only_run(tmp_path / name))[-1] / "meta.pt") for name in ("straight", "stopped"))
-    assert a["global_step"] == b["global_step"] == 38
+    assert a["global_step"] == b["global_step"] == 2 * STEPS
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])  # full tensors, gathered from the shards
-    assert a["ema"]["0.weight"].shape == (32, 1, 3, 3)
+    first = workload().first_tensor
+    assert a["ema"][first].shape == workload().first_shape
 
     result = run_script("test.py", "--out_dir", stopped, "--devices", "1", "--strategy", "auto")
     assert "best.ckpt, its moving average)" in result.stdout  # a folder of shards, read on one process
     result = run_script("train.py", "--resume", stopped, "--epochs", "3", "--devices", "1", "--strategy", "auto")
     assert "resuming on world size 1 (was 2)" in result.stdout
     resumed = load(checkpoints(stopped)[-1])  # a file now: the average crossed from shards to one process
-    assert resumed["global_step"] == 57 and not torch.equal(resumed["ema"]["0.weight"], b["ema"]["0.weight"])
+    assert resumed["global_step"] == 3 * STEPS and not torch.equal(resumed["ema"][first], b["ema"][first])

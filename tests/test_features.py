@@ -6,13 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import assert_one_error_line, checkpoints, load, max_weight_diff, only_run, run_script
+from conftest import assert_one_error_line, checkpoints, load, max_weight_diff, only_run, run_script, workload
 from test_resume import identical
 
 from utils.early_stopping import follow_validation
 from utils.lr_schedule import lr_at
 
-ARGS = ["--accelerator", "cpu", "--logger_name", "csv"]  # 19 steps per epoch
+ARGS = ["--accelerator", "cpu", "--logger_name", "csv"]
+STEPS = workload().steps_per_epoch  # optimizer steps per epoch (19 for the digits)
 
 
 def train(root, *args, driver=False, **kwargs):
@@ -56,7 +57,7 @@ def step_run(tmp_path_factory):
 @pytest.mark.slow
 def test_max_steps_run_validates_and_checkpoints_on_its_own_steps(step_run):
     logged = rows(step_run)
-    assert [int(r["step"]) for r in logged] == list(range(1, 31))  # ends mid-epoch 2 (19 steps per epoch)
+    assert [int(r["step"]) for r in logged] == list(range(1, 31))  # ends mid-epoch (2 for the digits)
     assert [int(r["step"]) for r in logged if r["val_loss"]] == [7, 14, 21, 28, 30]
     assert [load(p)["global_step"] for p in checkpoints(step_run)] == [10, 20, 30]
     assert [float(r["lr"]) for r in logged] == [lr_at(s, 0.002, 4, 30, "cosine", 0.1) for s in range(1, 31)]
@@ -90,55 +91,58 @@ def test_two_processes_use_the_same_lr_at_every_step(step_run, tmp_path):
 @pytest.mark.slow
 def test_best_checkpoint_follows_the_monitor_and_survives_retention_and_resume(tmp_path):
     root = tmp_path / "runs"
-    train(root, "--epochs", "3", "--monitor", "val_acc", "--num_checkpoint_keep", "1")  # the mode follows: max
+    train(root, "--epochs", "3", "--monitor", "val_loss", "--num_checkpoint_keep", "1")  # the mode follows: min
     run = only_run(root)
-    accs = {int(r["step"]): float(r["val_acc"]) for r in rows(run) if r["val_acc"]}
-    best_step = max(accs, key=lambda step: (accs[step], -step))  # the first of the highest
+    losses = {int(r["step"]): float(r["val_loss"]) for r in rows(run) if r["val_loss"]}
+    best_step = min(losses, key=lambda step: (losses[step], step))  # the first of the lowest
     best = load(run / "checkpoints" / "best.ckpt")
-    assert (best["global_step"], best["best_value"]) == (best_step, accs[best_step])
-    assert [p.name for p in checkpoints(run)] == ["epoch-0003-step-00000057.ckpt"]  # retention spared best.ckpt
+    assert (best["global_step"], best["best_value"]) == (best_step, losses[best_step])
+    assert [p.name for p in checkpoints(run)] == [f"epoch-0003-step-{3 * STEPS:08d}.ckpt"]  # retention spared best
 
     # a resume that makes things worse (a huge LR) keeps the best of before: the best value was restored
     train(root, "--resume", run, "--epochs", "4", "--base_lr", "5", "--grad_clip", "1e9")
-    assert float(rows(run)[-1]["val_acc"]) < accs[best_step]
+    assert float(rows(run)[-1]["val_loss"]) > losses[best_step]
     assert load(run / "checkpoints" / "best.ckpt")["global_step"] == best_step
 
     # test.py takes best by default, last or a file on request
+    last = f"epoch-0004-step-{4 * STEPS:08d}.ckpt"
     assert "best.ckpt" in run_script("test.py", "--out_dir", run).stdout
-    assert "epoch-0004-step-00000076.ckpt" in run_script("test.py", "--out_dir", run, "--checkpoint", "last").stdout
+    assert last in run_script("test.py", "--out_dir", run, "--checkpoint", "last").stdout
     (run / "checkpoints" / "best.ckpt").unlink()
-    assert "epoch-0004-step-00000076.ckpt" in run_script("test.py", "--out_dir", run).stdout
+    assert last in run_script("test.py", "--out_dir", run).stdout
     assert_one_error_line(run_script("test.py", "--out_dir", run, "--checkpoint", "best", check_rc=2),
                           "checkpoint='best'", "no best checkpoint")
 
 
-EARLY = ["--epochs", "10", "--monitor", "val_acc", "--early_stop_patience", "2",
-         "--early_stop_min_delta", "0.5"]  # no validation beats the first by 0.5: stop after the third
+EARLY = ["--epochs", "10", "--early_stop_patience", "2", "--early_stop_min_delta", "1000"]  # no validation beats the
+STOPS_AT = 3 * STEPS  # first by 1000: stop at the third
 
 
 @pytest.mark.slow
 def test_early_stopping_stops_every_rank_and_counts_across_a_resume(tmp_path):
     result = train(tmp_path / "straight", *EARLY, "--devices", "2")
     run = only_run(tmp_path / "straight")
-    assert "early stop at step 57: val_acc beat" in result.stdout and "by no more than 0.5 in 2 validation(s)" in \
-        result.stdout
+    assert f"early stop at step {STOPS_AT}: val_loss beat" in result.stdout
+    assert "by no more than 1000.0 in 2 validation(s)" in result.stdout
     final = load(checkpoints(run)[-1])
-    assert final["global_step"] == 57 and final["finished"] and final["bad_validations"] == 2
-    assert [r["stopped_early"] for r in rows(run) if r["stopped_early"]] == ["1"] and rows(run)[-1]["step"] == "57"
+    assert final["global_step"] == STOPS_AT and final["finished"] and final["bad_validations"] == 2
+    assert [r["stopped_early"] for r in rows(run) if r["stopped_early"]] == ["1"]
+    assert rows(run)[-1]["step"] == str(STOPS_AT)
     # best.ckpt follows strict improvements, not only those larger than min_delta
-    accs = {int(r["step"]): float(r["val_acc"]) for r in rows(run) if r["val_acc"]}
-    assert load(run / "checkpoints" / "best.ckpt")["best_value"] == max(accs.values())
+    losses = {int(r["step"]): float(r["val_loss"]) for r in rows(run) if r["val_loss"]}
+    assert load(run / "checkpoints" / "best.ckpt")["best_value"] == min(losses.values())
 
     # stopped by a signal after the second validation (one bad one counted), the resume counts on
-    train(tmp_path / "resumed", *EARLY, driver=True, env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": "40"}, check_rc=143)
+    train(tmp_path / "resumed", *EARLY, driver=True, env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": str(2 * STEPS + 2)},
+          check_rc=143)
     stopped = only_run(tmp_path / "resumed")
     assert load(checkpoints(stopped)[-1])["bad_validations"] == 1
     train(tmp_path / "resumed", *EARLY, "--resume", "auto")
-    assert load(checkpoints(stopped)[-1])["global_step"] == 57
+    assert load(checkpoints(stopped)[-1])["global_step"] == STOPS_AT
     result = train(tmp_path / "resumed", *EARLY, "--resume", "auto")  # finished: auto starts a new run ...
     assert len(list((tmp_path / "resumed").iterdir())) == 2
     result = train(tmp_path / "resumed", *EARLY, "--resume", stopped)  # ... and naming it trains nothing
-    assert "stopped early at step 57; nothing to train" in result.stdout
+    assert f"stopped early at step {STOPS_AT}; nothing to train" in result.stdout
 
 
 def early_stop_after(values, patience, min_delta, follow=follow_validation):
@@ -175,18 +179,18 @@ def test_early_stopping_counts_steady_progress_against_a_fixed_reference():
 def test_init_from_a_checkpoint_or_a_state_dict(step_run, tmp_path):
     source = checkpoints(step_run)[-1]
     weights = load(source)["model"]
-    plain = tmp_path / "weights.pt"
-    torch.save({k: v for k, v in weights.items() if k != "7.bias"}, plain)  # a plain state_dict, one key short
+    plain, last = tmp_path / "weights.pt", list(weights)[-1]
+    torch.save({k: v for k, v in weights.items() if k != last}, plain)  # a plain state_dict, one key short
 
     # an LR of 1e-12 and no weight decay: the weights after one step are the loaded ones
     tiny = ["--max_steps", "1", "--base_lr", "1e-12", "--weight_decay", "0"]
-    for path, missing in ((source, "none"), (plain, "['7.bias']")):
+    for path, missing in ((source, "none"), (plain, f"['{last}']")):
         root = tmp_path / path.stem
         result = train(root, *tiny, "--init_from", path)
         assert f"missing keys: {missing}; unexpected keys: none" in result.stdout
         final = load(checkpoints(only_run(root))[-1])
         assert final["global_step"] == 1 and final["optimizer"]["state"][0]["step"] == 1  # a new run, fresh optimizer
-        shared = {k: v for k, v in final["model"].items() if k != "7.bias"}
+        shared = {k: v for k, v in final["model"].items() if k != last}
         assert max_weight_diff(shared, {k: weights[k] for k in shared}) < 1e-6
 
     # a resume does not apply init_from again; init_from with --resume is refused
@@ -200,22 +204,24 @@ def test_init_from_a_checkpoint_or_a_state_dict(step_run, tmp_path):
     wrapped = tmp_path / "lightning.ckpt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in weights.items()}, "epoch": 3}, wrapped)
     result = train(tmp_path / "wrapped", *tiny, "--init_from", wrapped)
-    assert "8 of the model's 8 tensors loaded (unwrapped the 'state_dict' entry and the 'module.' prefix)" in \
-        result.stdout
+    tensors = workload().tensors
+    assert f"{tensors} of the model's {tensors} tensors loaded (unwrapped the 'state_dict' entry and the 'module.' " \
+        "prefix)" in result.stdout
     final = load(checkpoints(only_run(tmp_path / "wrapped"))[-1])["model"]
     assert max_weight_diff(final, weights) < 1e-6
     # keys that match nothing load nothing: refused, not a run from random weights that claims a fine-tune
     unrelated = tmp_path / "unrelated.pt"
     torch.save({f"encoder.{k}": v for k, v in weights.items()}, unrelated)
     result = train(tmp_path / "unrelated", "--init_from", unrelated, check_rc=2)
-    assert_one_error_line(result, f"init_from='{unrelated}'", "loads none of the model's 8 tensors",
-                          "'encoder.0.weight'")
+    first, shape = workload().first_tensor, workload().first_shape
+    assert_one_error_line(result, f"init_from='{unrelated}'", f"loads none of the model's {tensors} tensors",
+                          f"'encoder.{first}'")
     assert not (tmp_path / "unrelated").exists()  # nothing written
 
     wrong = tmp_path / "wrong.pt"
-    torch.save({**weights, "0.weight": torch.zeros(8, 1, 3, 3)}, wrong)
+    torch.save({**weights, first: torch.zeros(shape[0] + 1, *shape[1:])}, wrong)
     result = train(tmp_path / "wrong", "--init_from", wrong, check_rc=2)
-    assert_one_error_line(result, "'0.weight' has shape (8, 1, 3, 3)", "(32, 1, 3, 3)")
+    assert_one_error_line(result, f"'{first}' has shape {(shape[0] + 1, *shape[1:])}", str(shape))
     assert not (tmp_path / "wrong").exists()  # nothing written
 
 
@@ -223,6 +229,6 @@ def test_init_from_a_checkpoint_or_a_state_dict(step_run, tmp_path):
 
 @pytest.mark.slow
 def test_warmup_longer_than_an_epoch_based_run(tmp_path):
-    result = train(tmp_path, "--epochs", "1", "--warmup_steps", "19", check_rc=2)
-    assert_one_error_line(result, "warmup_steps=19", "fewer than the run's 19 steps")
+    result = train(tmp_path, "--epochs", "1", "--warmup_steps", str(STEPS), check_rc=2)
+    assert_one_error_line(result, f"warmup_steps={STEPS}", f"fewer than the run's {STEPS} steps")
     assert list(tmp_path.iterdir()) == []

@@ -8,13 +8,16 @@ import subprocess
 
 import pytest
 import torch
-from conftest import assert_one_error_line, checkpoints, load, only_run, run_script, train
+from conftest import assert_one_error_line, checkpoints, load, only_run, run_script, train, workload
 from test_crash import small_disk
-from test_gpt import TINY
+from test_example_gpt import TINY
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from utils.checkpoint import checkpoint_name
 
 pytestmark = pytest.mark.slow
 FSDP2 = ["--devices", "2", "--strategy", "fsdp2"]
+STEPS = workload().steps_per_epoch  # optimizer steps per epoch (19 for the digits)
 DOUBLE = ["--devices", "2", "--precision", "64-true", "--dropout", "0"]
 
 
@@ -53,12 +56,13 @@ def weight_gap(a: dict, b: dict) -> float:
 
 @pytest.fixture(scope="module")
 def killed(tmp_path_factory):
-    """A straight fsdp2 run (32-true, dropout 0.1) and the same run killed with SIGKILL on both ranks at step 25,
-    after the epoch-1 checkpoint at step 19."""
+    """A straight fsdp2 run (32-true, dropout 0.1) and the same run killed with SIGKILL on both ranks mid-epoch 2,
+    after the epoch-1 checkpoint."""
     root = tmp_path_factory.mktemp("killed")
     train(root / "straight", *FSDP2)
     run_script("tests/fault_driver.py", "--root_dir", root / "killed", "--accelerator", "cpu", "--epochs", "2",
-               "--logger_name", "csv", "tensorboard", *FSDP2, env={"FAULT": "sigkill", "FAULT_AT_FORWARD": "25"},
+               "--logger_name", "csv", "tensorboard", *FSDP2,
+               env={"FAULT": "sigkill", "FAULT_AT_FORWARD": str(STEPS + STEPS // 2)},
                check_rc=-9)
     return root
 
@@ -69,16 +73,16 @@ def test_kill_9_then_resume_is_bit_identical(killed, tmp_path, part):
     random state (dropout masks) they differ."""
     shutil.copytree(killed / "killed", tmp_path / "killed")
     run = only_run(tmp_path / "killed")
-    assert [p.name for p in checkpoints(run)] == ["epoch-0001-step-00000019.ckpt"] and checkpoints(run)[0].is_dir()
-    (run / "checkpoints" / ".epoch-0002-step-00000038.ckpt.tmp").mkdir()  # what a kill mid-save leaves
+    assert [p.name for p in checkpoints(run)] == [checkpoint_name(1, STEPS)] and checkpoints(run)[0].is_dir()
+    (run / "checkpoints" / f".{checkpoint_name(2, 2 * STEPS)}.tmp").mkdir()  # what a kill mid-save leaves
     result = run_script("tests/fault_driver.py", "--root_dir", tmp_path / "killed", "--accelerator", "cpu",
                         "--epochs", "2", "--logger_name", "csv", "tensorboard", *FSDP2, "--resume", "auto",
                         env={"BREAK": part} if part != "none" else None)
-    assert "at step 19" in result.stdout
+    assert f"at step {STEPS}" in result.stdout
     assert not list((run / "checkpoints").glob(".*.tmp"))
     straight = load_any(checkpoints(only_run(killed / "straight"))[-1], tmp_path)
     resumed = load_any(checkpoints(run)[-1], tmp_path)
-    assert resumed["global_step"] == straight["global_step"] == 38
+    assert resumed["global_step"] == straight["global_step"] == 2 * STEPS
     assert bit_identical(resumed, straight) == (part == "none")
 
 
@@ -114,7 +118,7 @@ def test_a_checkpoint_resumes_under_the_other_strategy(double, tmp_path, source,
     run = only_run(tmp_path / source)
     first = checkpoints(run)[0]
     result = train(run.parent, *DOUBLE, "--strategy", strategy, "--resume", first)
-    assert "at step 19" in result.stdout
+    assert f"at step {STEPS}" in result.stdout
     resumed = load_any(checkpoints(run)[-1], tmp_path)
     assert checkpoints(run)[-1].is_dir() == (strategy == "fsdp2")
     assert weight_gap(resumed, load_any(checkpoints(only_run(double / source))[-1], tmp_path)) < 1e-12
@@ -128,7 +132,7 @@ def test_test_py_reads_shards_on_one_process(double):
     for name in ("fsdp2", "ddp"):
         result = run_script("test.py", "--out_dir", only_run(double / name), "--accelerator", "cpu", "--devices", "1",
                             "--strategy", "auto")
-        assert "on 270 samples" in result.stdout and "report:" in result.stdout
+        assert f"on {workload().test_samples} samples" in result.stdout and "report:" in result.stdout
         scores.append(result.stdout.split("test loss ")[1].split(" on ")[0])
     assert scores[0] == scores[1], scores
 
@@ -137,12 +141,12 @@ def test_test_py_reads_shards_on_one_process(double):
 
 def test_damaged_shards_are_moved_aside_and_the_resume_falls_back(double, tmp_path):
     """Copies of the last checkpoint under later names, each damaged one way: all four are reported and moved aside;
-    the resume continues from step 38."""
+    the resume continues from the last (at the end of epoch 2)."""
     shutil.copytree(double / "fsdp2", tmp_path / "runs")
     run = only_run(tmp_path / "runs")
     last = checkpoints(run)[-1]
-    damage = {39: ("__1_0.distcp", "truncate"), 40: ("__0_0.distcp", "remove"), 41: (".metadata", "remove"),
-              42: ("meta.pt", "remove")}
+    ways = [("__1_0.distcp", "truncate"), ("__0_0.distcp", "remove"), (".metadata", "remove"), ("meta.pt", "remove")]
+    damage = dict(zip(range(2 * STEPS + 1, 2 * STEPS + 5), ways, strict=True))  # later names than the last
     for step, (name, how) in damage.items():
         copy = last.with_name(f"epoch-0002-step-{step:08d}.ckpt")
         shutil.copytree(last, copy)
@@ -155,10 +159,10 @@ def test_damaged_shards_are_moved_aside_and_the_resume_falls_back(double, tmp_pa
     assert len(warnings) == 4 and all("moved aside" in line for line in warnings)
     assert "shard __1_0.distcp is truncated" in warnings[3] and "shard __0_0.distcp is missing" in warnings[2]
     assert ".metadata" in warnings[1] and "meta.pt" in warnings[0]
-    assert "Traceback" not in result.stderr and "at step 38" in result.stdout
+    assert "Traceback" not in result.stderr and f"at step {2 * STEPS}" in result.stdout
     assert sorted(p.name for p in (run / "checkpoints").glob("*.corrupt")) == [
         f"epoch-0002-step-{step:08d}.ckpt.corrupt" for step in damage]
-    assert load_any(checkpoints(run)[-1], tmp_path)["global_step"] == 57
+    assert load_any(checkpoints(run)[-1], tmp_path)["global_step"] == 3 * STEPS
 
 
 def test_disk_full_during_a_sharded_save(tmp_path):
@@ -177,9 +181,9 @@ def test_disk_full_during_a_sharded_save(tmp_path):
         assert_one_error_line(result, "could not save checkpoint", "best.ckpt", "MB free on its disk")
         free = float(result.stderr.split(" MB free")[0].rsplit("(", 1)[1])
         assert free < 0.6  # what the filler left
-        assert [p.name for p in checkpoints(run)] == ["epoch-0001-step-00000019.ckpt"]
-        assert load(checkpoints(run)[0] / "meta.pt")["global_step"] == 19
-        assert load(run / "checkpoints" / "best.ckpt" / "meta.pt")["global_step"] == 19
+        assert [p.name for p in checkpoints(run)] == [checkpoint_name(1, STEPS)]
+        assert load(checkpoints(run)[0] / "meta.pt")["global_step"] == STEPS
+        assert load(run / "checkpoints" / "best.ckpt" / "meta.pt")["global_step"] == STEPS
         assert not list((run / "checkpoints").glob(".*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)])
@@ -187,6 +191,7 @@ def test_disk_full_during_a_sharded_save(tmp_path):
 
 # -- the GPT ----------------------------------------------------------------------------------------------------------
 
+@pytest.mark.example  # the GPT workload's own blocks as sharding units
 def test_gpt_under_fsdp2_saves_on_ctrl_c_resumes_and_is_read_on_one_process(tmp_path):
     """The GPT preset (shrunk) sharded per block: Ctrl-C in step 5, a log step where the processes vote, saves and
     exits 130; the resume ends bit-identical to a straight run; retention keeps 2 folders; sample.py and init_from

@@ -6,10 +6,11 @@ import shutil
 
 import pytest
 import torch
-from conftest import checkpoints, load, only_run, run_script
+from conftest import checkpoints, load, only_run, run_script, workload
 
 pytestmark = pytest.mark.slow
-ARGS = ["--accelerator", "cpu", "--epochs", "2", "--logger_name", "csv"]  # 32-true, dropout 0.1, 19 steps/epoch
+ARGS = ["--accelerator", "cpu", "--epochs", "2", "--logger_name", "csv"]  # 32-true, dropout 0.1
+STEPS = workload().steps_per_epoch  # optimizer steps per epoch (19 for the digits)
 
 
 def train(root, *args, env=None, check_rc=0, driver=False):
@@ -53,8 +54,8 @@ def reference(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("step", [1, 10, 19, 25], ids=["first-step", "mid-epoch", "last-batch-of-epoch",
-                                                      "mid-second-epoch"])
+@pytest.mark.parametrize("step", [1, STEPS // 2 + 1, STEPS, STEPS + STEPS // 3 + 1],
+                         ids=["first-step", "mid-epoch", "last-batch-of-epoch", "mid-second-epoch"])
 def test_stop_anywhere_resume_exactly(tmp_path, reference, step):
     stop_at(tmp_path, step)
     result = train(tmp_path, "--resume", "auto")
@@ -77,7 +78,7 @@ def test_resume_right_after_an_epoch_checkpoint_with_more_epochs(tmp_path):
 def test_ddp_stop_on_one_rank_resume_exactly(tmp_path):
     """2 processes; the signal reaches rank 1 only, yet both stop at the same step; the resume is exact."""
     train(tmp_path / "reference", "--devices", "2")
-    stop_at(tmp_path / "stopped", 10, "--devices", "2", ranks="1")
+    stop_at(tmp_path / "stopped", STEPS // 2 + 1, "--devices", "2", ranks="1")
     train(tmp_path / "stopped", "--devices", "2", "--resume", "auto")
     assert identical(final_state(tmp_path / "stopped"), final_state(tmp_path / "reference"))
     assert logged(tmp_path / "stopped") == logged(tmp_path / "reference")
@@ -86,7 +87,7 @@ def test_ddp_stop_on_one_rank_resume_exactly(tmp_path):
 @pytest.fixture(scope="module")
 def stopped_mid_second_epoch(tmp_path_factory):
     root = tmp_path_factory.mktemp("stopped")
-    stop_at(root, 25)
+    stop_at(root, STEPS + STEPS // 3 + 1)
     return root
 
 

@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, assert_one_error_line, checkpoints, load, only_run, run_script
+from conftest import REPO, assert_one_error_line, checkpoints, load, only_run, run_script, workload
 
 from utils import run_dir as run_dir_module
-from utils.checkpoint import model_mismatch
+from utils.checkpoint import checkpoint_name, model_mismatch
 
 pytestmark = pytest.mark.slow
-ARGS = ["--accelerator", "cpu", "--epochs", "2", "--logger_name", "csv", "--lr_schedule", "constant"]  # 19 steps/epoch
+ARGS = ["--accelerator", "cpu", "--epochs", "2", "--logger_name", "csv", "--lr_schedule", "constant"]
+STEPS = workload().steps_per_epoch  # optimizer steps per epoch (19 for the digits)
 
 
 def train(root, *args, driver=False, **kwargs):
@@ -43,7 +44,7 @@ def csv_rows(run):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """A finished 2-epoch run (checkpoints at steps 19 and 38)."""
+    """A finished 2-epoch run (checkpoints at the end of each epoch)."""
     root = tmp_path_factory.mktemp("finished")
     train(root)
     return only_run(root)
@@ -59,7 +60,8 @@ def copy_run(run, tmp_path):
 
 def test_auto_never_continues_a_finished_run_and_skips_runs_without_a_checkpoint(tmp_path):
     root = tmp_path / "runs"
-    train(root, driver=True, env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": "10"}, check_rc=143)  # unfinished
+    train(root, driver=True, env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": str(STEPS // 2 + 1)},
+          check_rc=143)  # unfinished
     train(root, "--epochs", "1")  # finished
     result = train(root, "--base_lr", "1e30", check_rc=1)  # dies before its first checkpoint
     assert "loss is" in result.stderr
@@ -73,9 +75,9 @@ def test_auto_never_continues_a_finished_run_and_skips_runs_without_a_checkpoint
     before = snapshot(done)
 
     result = train(root, "--resume", "auto", "--dropout", "0.3")
-    assert f"resumed from {unfinished}/checkpoints/" in result.stdout and "at step 10" in result.stdout
+    assert f"resumed from {unfinished}/checkpoints/" in result.stdout and f"at step {STEPS // 2 + 1}" in result.stdout
     assert snapshot(done) == before  # the finished run is untouched, its config.yaml included
-    assert load(checkpoints(unfinished)[-1])["global_step"] == 38
+    assert load(checkpoints(unfinished)[-1])["global_step"] == 2 * STEPS
 
     result = train(root, "--resume", "auto", "--epochs", "1")  # everything finished: a new run
     assert len(runs(root)) == 4 and "resumed from" not in result.stdout
@@ -86,7 +88,7 @@ def test_naming_a_finished_run_trains_nothing_and_changes_nothing(finished, tmp_
     run = copy_run(finished, tmp_path)
     before = snapshot(run)
     result = train(run.parent, "--resume", run)
-    assert f"run {run} finished at step 38; nothing to train: raise --epochs" in result.stdout
+    assert f"run {run} finished at step {2 * STEPS}; nothing to train: raise --epochs" in result.stdout
     assert snapshot(run) == before
 
 
@@ -100,7 +102,7 @@ def test_slurm_batch_jobs_continue_their_own_run(tmp_path):
     """A requeued job (same job id) continues the run it started, not a newer one of another job; a finished one
     says so and exits 0; an interactive allocation behaves as outside SLURM."""
     root = tmp_path / "runs"
-    stop = {"FAULT": "sigusr1", "FAULT_AT_FORWARD": "18"}
+    stop = {"FAULT": "sigusr1", "FAULT_AT_FORWARD": str(STEPS - 1)}
     train(root, "--resume", "auto", "--log_per_epoch", "1", driver=True, env={**slurm_env("101"), **stop},
           check_rc=143)
     train(root, "--resume", "auto", driver=True, env={**slurm_env("102"), **stop}, check_rc=143)
@@ -109,13 +111,14 @@ def test_slurm_batch_jobs_continue_their_own_run(tmp_path):
 
     result = train(root, "--resume", "auto", env=slurm_env("101"))  # the requeue of job 101
     assert f"resumed from {first}/checkpoints/" in result.stdout
-    assert load(checkpoints(first)[-1])["global_step"] == 38 and load(checkpoints(second)[-1])["global_step"] == 18
-    # throughput right after a resume counts the steps of this process only: the window logged at step 19 holds
-    # 18 steps of the stopped process and 1 of this one
+    assert load(checkpoints(first)[-1])["global_step"] == 2 * STEPS
+    assert load(checkpoints(second)[-1])["global_step"] == STEPS - 1
+    # throughput right after a resume counts the steps of this process only: the window logged at the end of epoch 1
+    # holds all but one step of the stopped process and 1 of this one
     speed = {int(r["step"]): float(r["samples_per_sec"]) for r in csv_rows(first)}
-    assert speed[19] < 2 * speed[38], speed
+    assert speed[STEPS] < 2 * speed[2 * STEPS], speed
     result = train(root, "--resume", "auto", env=slurm_env("101"))  # requeued again after it finished
-    assert f"run {first} finished at step 38; nothing to train" in result.stdout
+    assert f"run {first} finished at step {2 * STEPS}; nothing to train" in result.stdout
 
     result = train(root, "--resume", "auto", "--epochs", "1", env=slurm_env("103"))  # another job: its own run
     assert len(runs(root)) == 3 and "resumed from" not in result.stdout
@@ -202,30 +205,30 @@ def test_resume_from_an_earlier_checkpoint_with_new_settings(finished, tmp_path)
     result = train(run.parent, "--resume", first, "--epochs", "3", "--base_lr", "0.004", "--weight_decay", "0.05",
                    "--beta2", "0.99")
     assert "resuming from an earlier checkpoint starts a branch" in result.stdout and "peak lr 0.004" in result.stdout
-    abandoned = list((run / "checkpoints").glob("abandoned-*/epoch-0002-step-00000038.ckpt"))
-    assert len(abandoned) == 1 and load(abandoned[0])["global_step"] == 38  # moved, not deleted
-    assert load(abandoned[0].parent / "best.ckpt")["global_step"] == 38  # the old branch's best went along
-    assert [load(p)["global_step"] for p in checkpoints(run)] == [19, 38, 57]
+    abandoned = list((run / "checkpoints").glob(f"abandoned-*/{checkpoint_name(2, 2 * STEPS)}"))
+    assert len(abandoned) == 1 and load(abandoned[0])["global_step"] == 2 * STEPS  # moved, not deleted
+    assert load(abandoned[0].parent / "best.ckpt")["global_step"] == 2 * STEPS  # the old branch's best went along
+    assert [load(p)["global_step"] for p in checkpoints(run)] == [STEPS, 2 * STEPS, 3 * STEPS]
     decay, no_decay = load(checkpoints(run)[-1])["optimizer"]["param_groups"]
     assert (decay["lr"], decay["weight_decay"], decay["betas"]) == (0.004, 0.05, (0.9, 0.99))
     assert (no_decay["weight_decay"], no_decay["betas"]) == (0.0, (0.9, 0.99))
 
     rows = csv_rows(run)
     assert [int(r["step"]) for r in rows] == sorted({int(r["step"]) for r in rows})  # each step once
-    assert {float(r["lr"]) for r in rows if int(r["step"]) <= 19} == {0.002}
-    assert {float(r["lr"]) for r in rows if int(r["step"]) > 19} == {0.004}
+    assert {float(r["lr"]) for r in rows if int(r["step"]) <= STEPS} == {0.002}
+    assert {float(r["lr"]) for r in rows if int(r["step"]) > STEPS} == {0.004}
 
     assert (run / "config.yaml").read_bytes() == config_before
     (entry,) = yaml.safe_load((run / "resumes.yaml").read_text())
-    assert entry["at_step"] == 19 and entry["from_checkpoint"] == first.name
+    assert entry["at_step"] == STEPS and entry["from_checkpoint"] == first.name
     assert entry["changed"] == {"root_dir": str(run.parent), "epochs": 3, "base_lr": 0.004,  # the copy moved it
                                 "weight_decay": 0.05, "beta2": 0.99}
-    assert entry["derived_changed"] == {"lr": 0.004, "total_steps": 57}
+    assert entry["derived_changed"] == {"lr": 0.004, "total_steps": 3 * STEPS}
     assert "resume" not in yaml.safe_load(config_before)
 
     result = run_script("test.py", "--out_dir", run, "--checkpoint", "last")
-    assert "epoch-0003-step-00000057.ckpt" in result.stdout
-    assert load(run / "checkpoints" / "best.ckpt")["global_step"] > 19  # the new branch's own best
+    assert checkpoint_name(3, 3 * STEPS) in result.stdout
+    assert load(run / "checkpoints" / "best.ckpt")["global_step"] > STEPS  # the new branch's own best
 
     result = train(run.parent, "--resume", run, "--epochs", "4", "--seed", "7", check_rc=2)  # would reshuffle
     assert_one_error_line(result, "seed=7", "42")
@@ -247,11 +250,11 @@ def test_a_runs_config_yaml_as_config_path_starts_a_new_run(finished, tmp_path):
 def test_test_py_changes_nothing_in_the_run(finished, tmp_path):
     run = copy_run(finished, tmp_path)
     ckpt_dir = run / "checkpoints"
-    (ckpt_dir / ".epoch-0003-step-00000057.ckpt.tmp").write_bytes(b"a save in progress")
-    (ckpt_dir / "epoch-0003-step-00000057.ckpt").write_bytes(b"not a checkpoint")
+    (ckpt_dir / f".{checkpoint_name(3, 3 * STEPS)}.tmp").write_bytes(b"a save in progress")
+    (ckpt_dir / checkpoint_name(3, 3 * STEPS)).write_bytes(b"not a checkpoint")
     before = snapshot(run)
     result = run_script("test.py", "--out_dir", run, "--checkpoint", "last")
-    assert "epoch-0002-step-00000038.ckpt" in result.stdout and "skipped" in result.stderr
+    assert checkpoint_name(2, 2 * STEPS) in result.stdout and "skipped" in result.stderr
     after = snapshot(run)
     assert after.pop(Path("test_metrics.json")) and after.pop(Path("report.png"))  # its own output, nothing else
     assert after == before
@@ -260,10 +263,12 @@ def test_test_py_changes_nothing_in_the_run(finished, tmp_path):
 def test_test_py_refuses_a_checkpoint_that_does_not_fit(finished, tmp_path):
     run = copy_run(finished, tmp_path)
     state = load(checkpoints(run)[-1])
-    state["model"]["0.weight"] = torch.zeros(16, 1, 3, 3)
+    first, shape = workload().first_tensor, workload().first_shape
+    state["model"][first] = torch.zeros(shape[0] + 1, *shape[1:])
     torch.save(state, checkpoints(run)[-1])
     result = run_script("test.py", "--out_dir", run, "--checkpoint", "last", check_rc=2)
-    assert_one_error_line(result, "does not fit the model", "'0.weight' has shape (16, 1, 3, 3)", "(32, 1, 3, 3)")
+    assert_one_error_line(result, "does not fit the model", f"'{first}' has shape {(shape[0] + 1, *shape[1:])}",
+                          str(shape))
     result = run_script("test.py", "--out_dir", run, "--checkpoint", run / "checkpoints" / "nope.ckpt", check_rc=2)
     assert_one_error_line(result, "nope.ckpt does not exist")
     assert not (run / "test_metrics.json").exists()
@@ -284,7 +289,7 @@ def test_test_py_under_fabric_run(finished, tmp_path):
     result = subprocess.run([fabric_cli, "run", "--accelerator", "cpu", "--devices", "2", str(REPO / "test.py"),
                              "--out_dir", str(run)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("test loss") == 1 and "on 270 samples" in result.stdout
+    assert result.stdout.count("test loss") == 1 and f"on {workload().test_samples} samples" in result.stdout
 
 
 # -- memory at scale -------------------------------------------------------------------------------------------------
@@ -298,7 +303,7 @@ def probes(path, kind=None):
 def test_evaluation_forwards_at_most_the_training_micro_batch_and_data_is_built_once_per_node(tmp_path):
     log = tmp_path / "probe.log"
     root = tmp_path / "runs"
-    train(root, "--devices", "2", "--eff_batch_size", "512", "--micro_batch_size", "16", "--base_batch_size", "512",
+    train(root, "--devices", "2", "--eff_batch_size", "128", "--micro_batch_size", "16", "--base_batch_size", "128",
           "--epochs", "1", driver=True, env={"PROBE_LOG": str(log), "DATA_SECONDS": "1"})
     assert {int(size) for _, _, size in probes(log, "train")} == {16}
     assert max(int(size) for _, _, size in probes(log, "eval")) <= 16
@@ -312,10 +317,10 @@ def test_evaluation_forwards_at_most_the_training_micro_batch_and_data_is_built_
 
 
 def test_throughput_counts_training_time_only(tmp_path):
-    """A slow validation (2.5 s) at the end of epoch 1 does not lower the throughput logged in epoch 2."""
+    """A slow validation (0.5 s per batch) at the end of epoch 1 does not lower the throughput logged in epoch 2."""
     train(tmp_path, "--log_per_epoch", "1", driver=True, env={"EVAL_SECONDS": "0.5"})
     speed = {int(r["step"]): float(r["samples_per_sec"]) for r in csv_rows(only_run(tmp_path))}
-    assert speed[38] > 0.5 * speed[19], speed
+    assert speed[2 * STEPS] > 0.5 * speed[STEPS], speed
 
 
 # -- bad input -------------------------------------------------------------------------------------------------------

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, assert_one_error_line, checkpoints, load, only_run, run_script
+from conftest import REPO, assert_one_error_line, checkpoints, load, only_run, run_script, workload
+
+from utils.checkpoint import checkpoint_name
+from utils.lr_schedule import lr_at
 
 pytestmark = pytest.mark.slow
-ARGS = ["--accelerator", "cpu", "--logger_name", "csv"]  # 19 steps per epoch
+ARGS = ["--accelerator", "cpu", "--logger_name", "csv"]
+STEPS = workload().steps_per_epoch  # optimizer steps per epoch (19 for the digits)
 
 
 def train(root, *args, **kwargs):
@@ -22,7 +26,7 @@ def train(root, *args, **kwargs):
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    """One finished epoch (19 steps), with a comment that starts with '-' and holds non-ASCII text, on an explicit
+    """One finished epoch, with a comment that starts with '-' and holds non-ASCII text, on an explicit
     --devices 1."""
     root = tmp_path_factory.mktemp("finished")
     train(root, "--epochs", "1", "--devices", "1", "--comment=-v2 \u6e29\u5ea6")
@@ -46,8 +50,10 @@ def test_what_a_run_accepted_it_reads_back_and_a_resume_says_what_it_changes(fin
     result = train(run.parent, "--resume", run, "--epochs", "2")
     assert "resume changes epochs: 1 -> 2" in result.stdout
     # a finished cosine run, extended: the LR goes back up, and the resume says so before training
-    assert "learning rate: 0.0002 at step 19 under the run's schedule until now; 0.00103 at step 20, then cosine to " \
-           "0.0002 at step 38" in result.stdout
+    peak = 0.002  # the digits: 0.0002 at step 19 ...; 0.00103 at step 20, then cosine to 0.0002 at step 38
+    assert f"learning rate: 0.0002 at step {STEPS} under the run's schedule until now; " \
+           f"{lr_at(STEPS + 1, peak, 0, 2 * STEPS, 'cosine', 0.1):.3g} at step {STEPS + 1}, then cosine to 0.0002 " \
+           f"at step {2 * STEPS}" in result.stdout
     assert load(checkpoints(run)[-1])["config"]["comment"] == "-v2 \u6e29\u5ea6"
 
 
@@ -59,18 +65,18 @@ def test_a_step_based_run_is_extended_by_unsetting_max_steps(tmp_path):
            "--epochs)" in result.stdout
     result = train(tmp_path, "--resume", run, "--max_steps", "none", "--epochs", "1")
     assert "resume changes max_steps: 3 -> None" in result.stdout
-    assert load(checkpoints(run)[-1])["global_step"] == 19
+    assert load(checkpoints(run)[-1])["global_step"] == STEPS
 
 
 def test_plain_weights_under_a_checkpoints_name_are_skipped_on_resume(finished, tmp_path):
     run = copy_run(finished, tmp_path)
-    stray = run / "checkpoints" / "epoch-0002-step-00000038.ckpt"
+    stray = run / "checkpoints" / checkpoint_name(2, 2 * STEPS)
     torch.save(load(checkpoints(run)[-1])["model"], stray)  # a user's copy of the weights, under a checkpoint's name
     result = train(run.parent, "--resume", run, "--epochs", "2")
     assert f"checkpoint {stray} does not open (CheckpointError: not a checkpoint of this template" in result.stderr
-    assert "Traceback" not in result.stderr and "at step 19" in result.stdout
+    assert "Traceback" not in result.stderr and f"at step {STEPS}" in result.stdout
     assert (run / "checkpoints" / f"{stray.name}.corrupt").is_file()  # moved aside, not deleted
-    assert load(checkpoints(run)[-1])["global_step"] == 38  # the real checkpoint of step 38 took its place
+    assert load(checkpoints(run)[-1])["global_step"] == 2 * STEPS  # the real checkpoint took its place
 
 
 def test_a_checkpoint_older_than_todays_state(finished, tmp_path):
@@ -111,10 +117,10 @@ def test_a_runs_hardware_settings_yield_to_the_launcher(finished, tmp_path, laun
     only a value given on this command that contradicts the launcher is refused."""
     run = copy_run(finished, tmp_path)
     result = launched(launcher, "test.py", "--out_dir", run)
-    assert result.stdout.count("test loss") == 1 and "on 270 samples" in result.stdout
+    assert result.stdout.count("test loss") == 1 and f"on {workload().test_samples} samples" in result.stdout
     result = launched(launcher, "train.py", "--resume", run, "--epochs", "2")
     assert "resuming on world size 2 (was 1)" in result.stdout
-    assert load(checkpoints(run)[-1])["global_step"] == 38 and load(checkpoints(run)[-1])["world_size"] == 2
+    assert load(checkpoints(run)[-1])["global_step"] == 2 * STEPS and load(checkpoints(run)[-1])["world_size"] == 2
     if launcher == "torchrun":
         result = launched(launcher, "test.py", "--out_dir", run, "--devices", "1", check_rc=None)
         assert result.returncode != 0
@@ -161,7 +167,7 @@ def test_test_results_name_their_checkpoint_and_another_runs_checkpoint_writes_a
     run = copy_run(finished, tmp_path)
     run_script("test.py", "--out_dir", run)
     metrics = json.loads((run / "test_metrics.json").read_text())
-    assert metrics["checkpoint"] == str(run / "checkpoints" / "best.ckpt") and metrics["checkpoint_step"] == 19
+    assert metrics["checkpoint"] == str(run / "checkpoints" / "best.ckpt") and metrics["checkpoint_step"] == STEPS
     own = snapshot(run)
 
     other = copy_run(finished, tmp_path, name="20261130-000000-other")

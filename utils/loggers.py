@@ -76,9 +76,17 @@ class ContinuedCSVLogger(CSVLogger):
         return self._experiment
 
 
-def log_hyperparams(loggers: list, params: dict, metric_names: tuple[str, ...]) -> None:
-    """Sends the config to every logger that takes hyperparameters (Fabric's CSVLogger does not). TensorBoard's
-    hparams table is tied to the run's real metrics: Fabric's own call would log a placeholder `hp_metric = -1`."""
+def log_hyperparams(loggers: list, params: dict) -> None:
+    """Sends the config to every logger that takes hyperparameters at the run's start (Fabric's CSVLogger does not;
+    TensorBoard's table waits for the first validation, in log_hparams_table)."""
+    for logger in loggers:
+        if not isinstance(logger, (CSVLogger, TensorBoardLogger)):
+            logger.log_hyperparams(params)
+
+
+def log_hparams_table(loggers: list, params: dict, metric_names: list[str]) -> None:
+    """TensorBoard's hparams table, tied to the run's scalar validation metrics (known once a validation has
+    computed them: a confusion matrix logs no scalar). Fabric's own call would log a placeholder `hp_metric = -1`."""
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             from torch.utils.tensorboard.summary import hparams
@@ -87,8 +95,6 @@ def log_hyperparams(loggers: list, params: dict, metric_names: tuple[str, ...]) 
             writer = logger.experiment._get_file_writer()
             for summary in hparams(values, dict.fromkeys(metric_names, 0.0)):  # the values are not written
                 writer.add_summary(summary)
-        elif not isinstance(logger, CSVLogger):
-            logger.log_hyperparams(params)
 
 
 def close_loggers(loggers: list, status: str) -> None:

@@ -17,7 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from config import Config, parse_config, settings_record
 from data import IGNORE_INDEX, SHAKESPEARE, DataError, char_datasets, make_datasets, num_classes, vocabulary
 from model import GPT, make_model
-from train import evaluate
+from train import evaluate, step_loss
+from utils.throughput import count_flops
 
 PRESET = ["--config_path", str(REPO / "configs" / "shakespeare_char.yaml")]
 # the preset, shrunk to a few seconds: a 2-layer, 64-wide GPT on 32-character windows
@@ -190,3 +191,16 @@ def test_train_refuses_damaged_data_with_one_line(tmp_path):
     assert result.returncode == 2, result.stderr
     assert_one_error_line(result, "tinyshakespeare.txt has sha256")
     assert not (tmp_path / "runs").exists()  # refused before a run folder is made
+
+
+def test_meta_device_count_of_the_gpt_matches_the_formula():
+    """Forward and backward of the GPT preset, counted on the meta device: 6 FLOPs per token per weight of every
+    matrix multiplication (the tied head included once per use) plus 12 x layers x batch x T^2 x width for
+    attention (scores and values, forward and backward): the usual formula, to the FLOP."""
+    cfg = parse_config(["--config_path", "configs/shakespeare_char.yaml"])
+    batch, T, C, layers, vocab = 12, cfg.model.block_size, cfg.model.n_embd, cfg.model.n_layer, 65
+    sample = (torch.zeros(T, dtype=torch.long), torch.zeros(T, dtype=torch.long))
+    flops = count_flops(lambda: make_model(cfg), sample, batch, lambda m, b: step_loss(m, b, cfg))
+    model = make_model(cfg)
+    block_weights = sum(p.numel() for p in model.blocks.parameters() if p.dim() == 2)
+    assert flops == 6 * (block_weights + vocab * C) * batch * T + 12 * layers * batch * T * T * C
