@@ -13,7 +13,7 @@ from utils.early_stopping import follow_validation
 from utils.lr_schedule import lr_at
 
 ARGS = ["--accelerator", "cpu", "--logger_name", "csv"]
-STEPS = workload().steps_per_epoch  # optimizer steps per epoch (19 for the digits)
+EPOCH = workload().steps_per_epoch  # optimizer steps per epoch (19 for the digits)
 
 
 def train(root, *args, driver=False, **kwargs):
@@ -97,7 +97,7 @@ def test_best_checkpoint_follows_the_monitor_and_survives_retention_and_resume(t
     best_step = min(losses, key=lambda step: (losses[step], step))  # the first of the lowest
     best = load(run / "checkpoints" / "best.ckpt")
     assert (best["global_step"], best["best_value"]) == (best_step, losses[best_step])
-    assert [p.name for p in checkpoints(run)] == [f"epoch-0003-step-{3 * STEPS:08d}.ckpt"]  # retention spared best
+    assert [p.name for p in checkpoints(run)] == [f"epoch-0003-step-{3 * EPOCH:08d}.ckpt"]  # retention spared best
 
     # a resume that makes things worse (a huge LR) keeps the best of before: the best value was restored
     train(root, "--resume", run, "--epochs", "4", "--base_lr", "5", "--grad_clip", "1e9")
@@ -105,7 +105,7 @@ def test_best_checkpoint_follows_the_monitor_and_survives_retention_and_resume(t
     assert load(run / "checkpoints" / "best.ckpt")["global_step"] == best_step
 
     # test.py takes best by default, last or a file on request
-    last = f"epoch-0004-step-{4 * STEPS:08d}.ckpt"
+    last = f"epoch-0004-step-{4 * EPOCH:08d}.ckpt"
     assert "best.ckpt" in run_script("test.py", "--out_dir", run).stdout
     assert last in run_script("test.py", "--out_dir", run, "--checkpoint", "last").stdout
     (run / "checkpoints" / "best.ckpt").unlink()
@@ -115,7 +115,7 @@ def test_best_checkpoint_follows_the_monitor_and_survives_retention_and_resume(t
 
 
 EARLY = ["--epochs", "10", "--early_stop_patience", "2", "--early_stop_min_delta", "1000"]  # no validation beats the
-STOPS_AT = 3 * STEPS  # first by 1000: stop at the third
+STOPS_AT = 3 * EPOCH  # first by 1000: stop at the third
 
 
 @pytest.mark.slow
@@ -133,7 +133,7 @@ def test_early_stopping_stops_every_rank_and_counts_across_a_resume(tmp_path):
     assert load(run / "checkpoints" / "best.ckpt")["best_value"] == min(losses.values())
 
     # stopped by a signal after the second validation (one bad one counted), the resume counts on
-    train(tmp_path / "resumed", *EARLY, driver=True, env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": str(2 * STEPS + 2)},
+    train(tmp_path / "resumed", *EARLY, driver=True, env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": str(2 * EPOCH + 2)},
           check_rc=143)
     stopped = only_run(tmp_path / "resumed")
     assert load(checkpoints(stopped)[-1])["bad_validations"] == 1
@@ -229,6 +229,6 @@ def test_init_from_a_checkpoint_or_a_state_dict(step_run, tmp_path):
 
 @pytest.mark.slow
 def test_warmup_longer_than_an_epoch_based_run(tmp_path):
-    result = train(tmp_path, "--epochs", "1", "--warmup_steps", str(STEPS), check_rc=2)
-    assert_one_error_line(result, f"warmup_steps={STEPS}", f"fewer than the run's {STEPS} steps")
+    result = train(tmp_path, "--epochs", "1", "--warmup_steps", str(EPOCH), check_rc=2)
+    assert_one_error_line(result, f"warmup_steps={EPOCH}", f"fewer than the run's {EPOCH} steps")
     assert list(tmp_path.iterdir()) == []
