@@ -29,7 +29,7 @@ LOGGERS = ("csv", "tensorboard", "wandb")
 PRECISIONS = get_args(_PRECISION_INPUT_STR)
 ACCELERATORS = ("auto", "gpu", *ACCELERATOR_REGISTRY.available_accelerators())
 # strategies whose launcher re-runs this script: "ddp_spawn" and the like would need main() passed to launch()
-STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp2", "fsdp")
+STRATEGIES = ("auto", "ddp", "ddp_find_unused_parameters_true", "fsdp2")
 MAX_NAME_BYTES = 255  # the longest file name on common file systems (ext4, xfs, btrfs, NFS)
 
 
@@ -44,8 +44,8 @@ class Config:
     num_nodes: int = 1
     """Number of nodes (machines)."""
     strategy: str = "auto"
-    """Distribution strategy: auto, ddp, ddp_find_unused_parameters_true, fsdp2 (sharded: model.shard_model), or fsdp
-    (Fabric's FSDP1, GPU only; untested here)."""
+    """Distribution strategy: auto, ddp, ddp_find_unused_parameters_true, or fsdp2 (sharded: model.shard_model).
+    FSDP1 (fsdp) is not offered: fsdp2 covers it, and FSDP1's flat parameters hide which are matrices."""
     precision: str | None = None
     """Numeric precision: 32-true, 16-mixed, bf16-mixed, 64-true, ... Unset means Fabric's default (32-true)."""
 
@@ -144,7 +144,7 @@ class Config:
         checks = [
             ("accelerator", self.accelerator in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
             ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)} (the strategies this "
-                                                      "template runs)"),
+                                                      "template runs; fsdp2 replaces FSDP1)"),
             ("precision", self.precision is None or self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             ("devices", _valid_devices(self.devices), "'auto', -1, a positive number or a list like '0,1'"),
             ("num_nodes", self.num_nodes >= 1, "at least 1"),

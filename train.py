@@ -53,7 +53,7 @@ from utils.launching import launch, make_fabric
 from utils.loggers import close_loggers, is_log_step, log_hparams_table, log_hyperparams, make_loggers
 from utils.loss_check import check_losses_and_votes, split_step_output
 from utils.lr_schedule import lr_at
-from utils.model_setup import setup_model
+from utils.model_setup import clip_gradients, setup_model
 from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
 from utils.provenance import record_provenance
 from utils.resume import nothing_to_train, resume_changes, resume_state
@@ -251,8 +251,7 @@ def main(cfg: Config) -> None:
             # the gradient norm before clipping; without clipping only where it is logged (it would add no sync)
             log_now = is_log_step(cfg, global_step + 1, steps_per_epoch, total_steps)
             if cfg.grad_clip is not None or log_now:
-                grad_norm = fabric.clip_gradients(model, optimizer, max_norm=cfg.grad_clip or math.inf,
-                                                  error_if_nonfinite=False)
+                grad_norm = clip_gradients(fabric, model, optimizer, cfg.grad_clip or math.inf)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:

@@ -16,6 +16,8 @@ Environment (all optional):
                        counters aside
   SCRIPT=test          run test.py instead of train.py
   PLAIN_PRINT=1        train.py prints with plain print() (a control for the console test)
+  AMP_SCALER=1         --precision 16-mixed as on CUDA: a real torch.amp.GradScaler (Fabric gives one on CUDA only;
+                       on a CPU it turns 16-mixed into bf16-mixed) and a fused AdamW, which unscales in its own step
   COMPILE_BACKEND=b    torch.compile uses backend b: aot_eager (right), or half_gradients (a deliberately wrong
                        compiler: right forward, every gradient halved), on the ranks in FAULT_RANKS (default: all)
 
@@ -42,6 +44,7 @@ sys.path.insert(0, str(REPO))
 import data  # noqa: E402
 import model  # noqa: E402
 import train  # noqa: E402
+import utils.launching  # noqa: E402
 import utils.resume  # noqa: E402
 import utils.samplers  # noqa: E402
 
@@ -119,6 +122,24 @@ def break_resume(part: str) -> None:
             self, epoch - (first or first.append(epoch) or first)[0], steps_done)
 
 
+def cuda_like_amp() -> None:
+    from lightning.fabric.plugins.precision import MixedPrecision
+
+    fabric_class, adamw = utils.launching.Fabric, torch.optim.AdamW
+
+    def fabric(*args, precision=None, plugins=None, **kwargs):
+        if precision == "16-mixed":
+            scaler = torch.amp.GradScaler("cpu", init_scale=float(os.environ.get("AMP_INIT_SCALE", 2.0**16)))
+            precision, plugins = None, [*(plugins or []), MixedPrecision("16-mixed", "cpu", scaler=scaler)]
+        return fabric_class(*args, precision=precision, plugins=plugins, **kwargs)
+
+    class FusedAdamW(adamw):
+        def __init__(self, *args, fused=None, **kwargs):
+            super().__init__(*args, fused=True, **kwargs)
+
+    utils.launching.Fabric, torch.optim.AdamW = fabric, FusedAdamW
+
+
 def probed_datasets(cfg):
     start = time.time()
     time.sleep(float(os.environ.get("DATA_SECONDS", 0)))
@@ -137,6 +158,8 @@ class Stream(torch.utils.data.IterableDataset):
         return iter(self.dataset)
 
 
+if os.environ.get("AMP_SCALER"):
+    cuda_like_amp()
 if os.environ.get("COMPILE_BACKEND"):
     compile_with(os.environ["COMPILE_BACKEND"])
 if os.environ.get("PLAIN_PRINT"):

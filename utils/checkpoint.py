@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 import yaml
 from lightning.fabric import Fabric
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.fabric.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 NAME = re.compile(r"epoch-(\d+)-step-(\d+)\.ckpt")
 COMPILED = "_orig_mod."  # in the names of modules compiled one by one (fsdp2); checkpoints hold names without it
 BEST = "best.ckpt"  # the best validation so far; retention and picking a checkpoint to resume from ignore it
-SHARDED = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)
+SHARDED = (ModelParallelStrategy,)  # fsdp2: a checkpoint is a folder of shards
 
 
 class CheckpointError(RuntimeError):

@@ -50,3 +50,15 @@ def make_optimizer(fabric: Fabric, model: torch.nn.Module, cfg, lr: float):
     sizes = {name: {"tensors": len(group), "params": sum(p.numel() for p in group)}
              for name, group in (("decay", decay), ("no_decay", no_decay))}
     return optimizer, sizes
+
+
+def clip_gradients(fabric: Fabric, model, optimizer, max_norm: float) -> torch.Tensor:
+    """Clips the gradients to max_norm and returns their norm before clipping, on the device (all ranks). Under
+    16-mixed the loss scaler unscales them first: Fabric refuses to for an optimizer that unscales in its own step
+    (fused AdamW, on CUDA), yet the scaler's step then uses the gradients as they are unscaled here and still skips
+    a step with an inf or NaN, without waiting for the device."""
+    scaler = getattr(fabric.strategy.precision, "scaler", None)
+    if scaler is None:
+        return fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+    scaler.unscale_(optimizer.optimizer)  # the torch optimizer inside Fabric's wrapper
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, error_if_nonfinite=False)

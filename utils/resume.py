@@ -48,6 +48,10 @@ def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state:
         fail(f"checkpoint {path} has no {missing[0]!r}, which this run's state holds (added to `state` after it was "
              f"saved): give it a value for older checkpoints in train.py, or resume from a newer checkpoint")
     kept = {key: state.pop(key) for key in [*stand_ins, *fresh]}
+    # how this machine runs AdamW (fused on CUDA) is not the checkpoint's: a fused step under a loss scaler with a
+    # restored fused=False would fail
+    implementation = [{key: group[key] for key in ("fused", "foreach", "capturable")}
+                      for group in state["optimizer"].param_groups]
     unused = load_checkpoint(fabric, path, state)  # a file or a folder of shards, into any strategy
     state.update({key: value_of(state) for key, value_of in stand_ins.items()}, **{key: kept[key] for key in fresh})
     for key in fresh:
@@ -62,8 +66,8 @@ def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state:
             fail(f"{name}={getattr(cfg, name)} differs from the checkpoint's {state['config'][name]}: "
                  f"a resumed run keeps its {name}")
     # optimizer settings given now win over the restored ones (the LR is set at every step)
-    for group in state["optimizer"].param_groups:
-        group["betas"] = (cfg.beta1, cfg.beta2)
+    for group, own in zip(state["optimizer"].param_groups, implementation, strict=True):
+        group.update(own, betas=(cfg.beta1, cfg.beta2))
     state["optimizer"].param_groups[0]["weight_decay"] = cfg.weight_decay  # the decayed group (make_optimizer)
     if state["world_size"] == fabric.world_size:
         restore_rng(rng[fabric.global_rank])
