@@ -92,6 +92,8 @@ BAD_FLAGS = [
     (["--block_size", "-4"], "block_size=-4"),
     (["--dataset", "imagenet"], "'imagenet'"),
     (["--n_layer"], "--n_layer needs a value"),
+    (["--strategy", "fsdp"], "strategy='fsdp' is invalid: expected one of auto, ddp, ddp_find_unused_parameters_true, "
+                             "fsdp2 (the strategies this template runs; fsdp2 replaces FSDP1)"),
 ]
 
 
