@@ -28,8 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics import MetricCollection
 
 from config import Config, load_config, settings_record
 from data import IGNORE_INDEX, num_classes
@@ -51,8 +50,9 @@ from utils.ema import EMA
 from utils.exits import exit_run, fail
 from utils.launching import launch, make_fabric
 from utils.loggers import close_loggers, is_log_step, log_hparams_table, log_hyperparams, make_loggers
-from utils.loss_check import check_losses_and_votes, split_step_output
+from utils.loss_check import check_losses_and_votes, check_validation, split_step_output
 from utils.lr_schedule import lr_at
+from utils.metrics import Accuracy, ConfusionMatrix, MeanLoss
 from utils.model_setup import clip_gradients, setup_model
 from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
 from utils.provenance import record_provenance
@@ -73,17 +73,13 @@ def training_step(model, batch, cfg: Config) -> torch.Tensor | dict:
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
-class MeanLoss(MeanMetric):
-    higher_is_better = False  # tells --monitor val_loss which way is better
-
-
 def make_metrics(cfg: Config) -> MetricCollection:
     """The validation and test metrics, logged as val_<name> and test_<name>. A metric's higher_is_better gives
-    --monitor its direction; a metric whose value is a matrix (a confusion matrix) is drawn by test.py's report."""
-    classes = num_classes(cfg)
-    metrics = {"loss": MeanLoss(), "acc": MulticlassAccuracy(classes, average="micro", ignore_index=IGNORE_INDEX)}
+    --monitor its direction; a metric whose value is a matrix (a confusion matrix) is drawn by test.py's report.
+    These never make the host wait for the device until compute() (see utils/metrics.py)."""
+    metrics = {"loss": MeanLoss(), "acc": Accuracy()}
     if cfg.data.dataset == "digits":
-        metrics["confusion"] = MulticlassConfusionMatrix(classes)
+        metrics["confusion"] = ConfusionMatrix(num_classes(cfg))
     return MetricCollection(metrics)
 
 
@@ -92,12 +88,13 @@ def validation_step(model, batch, metrics: MetricCollection, cfg: Config) -> Non
     inputs, targets = batch
     logits = model(inputs).flatten(0, -2).float()  # (samples or tokens, classes)
     targets = targets.flatten()
-    scored = targets != IGNORE_INDEX
+    scored = targets != IGNORE_INDEX  # a weight, not a mask: cutting with a mask waits for the device
     losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
-    metrics["loss"].update(losses[scored])
-    metrics["acc"].update(logits, targets)
+    predictions = logits.argmax(-1)
+    metrics["loss"].update(losses, weight=scored)
+    metrics["acc"].update(predictions == targets, weight=scored)
     if "confusion" in metrics:
-        metrics["confusion"].update(logits, targets)
+        metrics["confusion"].update(predictions, targets)
 
 # -------------------------------------------------------------------------------------------------------------------
 
@@ -299,6 +296,7 @@ def main(cfg: Config) -> None:
             if validate:
                 with ema.swapped_in() if ema else contextlib.nullcontext():  # the average, where there is one
                     val = evaluate(fabric, model, val_loader, cfg)  # all ranks: every rank gets the same values
+                check_validation(val, global_step, fabric.loggers)  # a NaN stops every rank before it can be "best"
                 metrics |= {f"val_{name}": value for name, value in val.items() if isinstance(value, float)}
                 if total_steps >= steps_per_epoch:  # epochs mean something only in a run that covers one
                     metrics["epoch"] = global_step / steps_per_epoch

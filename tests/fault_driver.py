@@ -6,10 +6,12 @@ Environment (all optional):
   FAULT=sigusr1|sigterm|sigint|sigkill|nan   send this process that real signal, or make that forward's output NaN
   FAULT_RANKS=0,1      the global ranks that get the fault (default: all)
   BREAK=rng|sampler_epoch|batch_skip  switch off one part of exact resume, for the negative controls; BREAK=same_init:
-                       every rank builds its initial weights from its own seed
+                       every rank builds its initial weights from its own seed; BREAK=validation_check: a NaN
+                       validation does not stop the run
   PROBE_LOG=FILE       append a line per model forward ("RANK train|eval BATCH") and per dataset build
                        ("RANK data START END", with DATA_SECONDS of sleep inside)
   EVAL_SECONDS=s       every forward in eval mode sleeps this long (a slow validation)
+  NAN_AT_EVAL_FORWARD=k  the k-th forward in eval mode (validation) of this rank gives NaN, as NaN weights would
   ITERABLE_DATA=1      make_datasets returns IterableDatasets
   READS_LOG=FILE       write {optimizer steps done: host reads of a tensor's value} (.item() and the like, which run
                        aten._local_scalar_dense, and .tolist(); each waits for a GPU), AdamW's host-side step
@@ -48,7 +50,7 @@ import utils.launching  # noqa: E402
 import utils.resume  # noqa: E402
 import utils.samplers  # noqa: E402
 
-forwards = 0
+forwards = eval_forwards = 0
 
 
 def rank() -> int:
@@ -62,12 +64,13 @@ def probe(line: str) -> None:
 
 
 def inject(module, inputs, output):
-    global forwards
+    global forwards, eval_forwards
     if os.environ.get("PROBE_LOG"):  # a model called with keywords only (model(**batch)) has no inputs[0]
         probe(f"{'train' if module.training else 'eval'} {len(inputs[0])}")
     if not module.training:
+        eval_forwards += 1
         time.sleep(float(os.environ.get("EVAL_SECONDS", 0)))
-        return None
+        return output * float("nan") if eval_forwards == int(os.environ.get("NAN_AT_EVAL_FORWARD", 0)) else None
     forwards += 1
     ranks = os.environ.get("FAULT_RANKS")
     if forwards != int(os.environ.get("FAULT_AT_FORWARD", 0)) or (ranks and str(rank()) not in ranks.split(",")):
@@ -110,6 +113,8 @@ def compile_with(backend: str):
 
 
 def break_resume(part: str) -> None:
+    if part == "validation_check":
+        train.check_validation = lambda *args: None
     sampler = utils.samplers.ResumableShuffleSampler
     original = sampler.set_position
     if part == "rng":

@@ -89,7 +89,9 @@ def training_step(model, batch, cfg):
 ''',
     "train.py:make_metrics": '''
 def make_metrics(cfg):
-    return {"loss": MeanMetric(), "alignment": MeanMetric()}  # a dict; MeanMetric does not say which way is better
+    from utils.metrics import Mean
+
+    return {"loss": Mean(), "alignment": Mean()}  # a dict; Mean does not say which way is better
 ''',
     "train.py:validation_step": '''
 def validation_step(model, batch, metrics, cfg):
@@ -121,6 +123,8 @@ def training_step(model, batch, cfg):
 ''',
     "train.py:make_metrics": '''
 def make_metrics(cfg):
+    from torchmetrics.classification import MulticlassAccuracy
+
     return MetricCollection({"loss": MeanLoss(), "acc": MulticlassAccuracy(2, average="micro")})
 ''',
     "train.py:validation_step": '''

@@ -1,6 +1,7 @@
 """The character-level GPT on Tiny Shakespeare through the same train.py, test.py and sample.py as the digits: the
 data split, the presets, a short run that learns, exact resume, sampling, and bad input."""
 
+import itertools
 import shutil
 import subprocess
 import sys
@@ -11,13 +12,15 @@ import torch
 import yaml
 from conftest import REPO, assert_one_error_line, load, only_run, run_script
 from lightning.fabric import Fabric
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from config import Config, parse_config, settings_record
 from data import IGNORE_INDEX, SHAKESPEARE, DataError, char_datasets, make_datasets, num_classes, vocabulary
 from model import GPT, make_model
-from train import evaluate, step_loss
+from train import evaluate, make_metrics, step_loss, validation_step
 from utils.throughput import count_flops
 
 PRESET = ["--config_path", str(REPO / "configs" / "shakespeare_char.yaml")]
@@ -80,6 +83,43 @@ def test_evaluate_equals_a_direct_computation(workload):
     loss = torch.nn.functional.cross_entropy(logits[scored], targets[scored]).item()
     assert result["acc"] == pytest.approx(accuracy, abs=1e-7) and result["loss"] == pytest.approx(loss, rel=1e-5)
     assert result["samples"] == len(val_set) and scored.sum() == (270 if workload == "digits" else 55_770)
+    if workload == "digits":
+        assert result["confusion"] == MulticlassConfusionMatrix(10)(logits, targets).tolist()
+
+
+class CountWaits(TorchDispatchMode):
+    """Counts the operators that make the host wait for a CUDA device: reading a value (.item(), `if tensor:`) and
+    those whose output size depends on the values (boolean-mask indexing runs nonzero; bincount; unique)."""
+
+    WAITS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+             torch.ops.aten.masked_select.default, torch.ops.aten.bincount.default, torch.ops.aten._unique2.default}
+
+    def __init__(self):
+        super().__init__()
+        self.waits = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.WAITS:
+            self.waits.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("workload", ["digits", "gpt"])
+def test_validation_steps_never_wait_for_the_device(workload):
+    """No operator of the shipped validation_step and metrics waits for a GPU: validation reads back only in
+    compute(). Control: torchmetrics' MeanMetric, as it comes, waits at every update (its NaN check)."""
+    cfg = parse_config([] if workload == "digits" else [*TINY[:-2], "--n_layer", "1"])
+    model = make_model(cfg).eval()
+    _, val_set, _ = make_datasets(cfg)
+    metrics = make_metrics(cfg)
+    batches = list(itertools.islice(DataLoader(val_set, batch_size=16), 3))  # the loader reads its seed
+    with torch.no_grad(), CountWaits() as counter:
+        for batch in batches:
+            validation_step(model, batch, metrics, cfg)
+    assert counter.waits == []
+    with CountWaits() as counter:
+        MeanMetric().update(torch.ones(4))
+    assert counter.waits != []
 
 
 def unigram_entropy() -> float:

@@ -5,7 +5,7 @@ import json
 import math
 
 import torch
-from conftest import checkpoints, load, only_run, run_script, workload
+from conftest import assert_one_error_line, checkpoints, load, only_run, run_script, workload
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision
 
@@ -59,3 +59,20 @@ def test_a_run_without_a_scaler_resumes_at_16_mixed_with_a_fresh_one(tmp_path):
     result = run_script("tests/fault_driver.py", "--resume", run, "--precision", "16-mixed", "--epochs", "2", env=AMP)
     assert "the loss scale of 16-mixed starts fresh" in result.stdout
     assert load(checkpoints(run)[-1])["scaler"]["_growth_tracker"] == STEPS
+
+
+def test_a_nan_in_validation_stops_every_rank_before_it_is_kept(tmp_path):
+    """NaN outputs in one validation batch of one rank (as NaN weights give): both ranks stop with one line, exit 1,
+    and nothing is saved from that step, best.ckpt included. Negative control: without the check the run ends with
+    exit 0, its NaN validation kept as the best."""
+    fault = {"NAN_AT_EVAL_FORWARD": "2", "FAULT_RANKS": "1"}
+    result = run_script("tests/fault_driver.py", "--root_dir", tmp_path / "checked", *ARGS, "--devices", "2",
+                        env=fault, check_rc=1)
+    assert_one_error_line(result, f"val_loss is nan at step {STEPS}; stopped, no checkpoint written")
+    run = only_run(tmp_path / "checked")
+    assert checkpoints(run) == [] and not (run / "checkpoints" / "best.ckpt").exists()
+
+    run_script("tests/fault_driver.py", "--root_dir", tmp_path / "unchecked", *ARGS, "--devices", "2", "--epochs",
+               "1", env={**fault, "BREAK": "validation_check"})
+    best = load(only_run(tmp_path / "unchecked") / "checkpoints" / "best.ckpt")
+    assert math.isnan(best["best_value"])

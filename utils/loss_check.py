@@ -37,3 +37,12 @@ def check_losses_and_votes(fabric: Fabric, steps: list[torch.Tensor], stop: Stop
             fail(f"loss is {loss_sum} at step {bad_step}; stopped at step {step}, no checkpoint written from step "
                  f"{bad_step} on", status=1, loggers=fabric.loggers)
     return [[value / fabric.world_size for value in row] for row in rows], stop_votes, interrupt_votes
+
+
+def check_validation(values: dict, step: int, loggers: list) -> None:
+    """All ranks (each has the same values): a NaN or infinite validation metric stops the run as a non-finite
+    training loss does, before the weights that gave it can be logged, saved or kept as the best."""
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"val_{name} is {value} at step {step}; stopped, no checkpoint written from step {step} on",
+                 status=1, loggers=loggers)
