@@ -96,6 +96,9 @@ class Config:
     """Dropout probability of the model."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    tf32: bool = True
+    """On CUDA, float32 matrix multiplies and convolutions use TF32 (Ampere and newer: several times faster, about
+    10 bits of mantissa in the products); false keeps full float32. No effect on a CPU or at other precisions."""
     compile_check: bool = True
     """With COMPILE: first compare the compiled model's loss and gradients with eager mode's on one batch, and stop
     if they differ (a compiler bug)."""

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from data import num_classes
 from utils.console import print0
@@ -89,12 +89,12 @@ def compile_units(model: nn.Module) -> None:
             parent[index] = torch.compile(module)
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def shard_model(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> nn.Module:
     """--strategy fsdp2 (Fabric calls it in setup_module): each unit sharded over every process, then the root,
-    which takes what is left (the GPT's embeddings and tied head)."""
+    which takes what is left (the GPT's embeddings and tied head); in the dtypes of the run's precision."""
     for unit in sharding_units(model):
-        fully_shard(unit, mesh=mesh["data_parallel"])
-    fully_shard(model, mesh=mesh["data_parallel"])
+        fully_shard(unit, mesh=mesh["data_parallel"], mp_policy=policy)
+    fully_shard(model, mesh=mesh["data_parallel"], mp_policy=policy)
     return model
 
 

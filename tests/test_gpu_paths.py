@@ -3,13 +3,18 @@ and a fused optimizer (as on CUDA), the scaler across a resume, ..."""
 
 import json
 import math
+import subprocess
+import sys
 
 import torch
-from conftest import assert_one_error_line, checkpoints, load, only_run, run_script, workload
+from conftest import REPO, assert_one_error_line, checkpoints, load, only_run, run_script, workload
 from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision
 
+from config import parse_config
+from utils.launching import matmul_precision
 from utils.model_setup import clip_gradients
+from utils.rng import rng_devices
 
 STEPS = workload().steps_per_epoch  # optimizer steps per epoch (19 for the digits)
 ARGS = ["--accelerator", "cpu", "--logger_name", "csv"]
@@ -76,3 +81,45 @@ def test_a_nan_in_validation_stops_every_rank_before_it_is_kept(tmp_path):
                "1", env={**fault, "BREAK": "validation_check"})
     best = load(only_run(tmp_path / "unchecked") / "checkpoints" / "best.ckpt")
     assert math.isnan(best["best_value"])
+
+
+def test_tf32_on_cuda_by_default_and_recorded():
+    assert matmul_precision(True, torch.device("cuda", 0)) == "high"  # TF32
+    assert matmul_precision(False, torch.device("cuda", 0)) == "highest"
+    assert matmul_precision(True, torch.device("cpu")) == "highest"
+    assert parse_config([]).tf32 and not parse_config(["--tf32", "false"]).tf32
+
+
+def test_a_rank_restores_its_own_cuda_generator_after_building_the_weights():
+    """setup_model seeds the initial weights inside fork_rng, and torch.manual_seed reseeds every CUDA generator:
+    fork_rng must be given this rank's device, or every rank's dropout masks on a GPU come from the same seed."""
+    assert rng_devices(torch.device("cuda", 3)) == [3]
+    assert rng_devices(torch.device("cpu")) == []
+
+
+FSDP2_DTYPES = """
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from config import parse_config
+from data import make_datasets
+from model import make_model, shard_model
+from train import step_loss
+from utils.launching import mixed_precision_policy
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29517", rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+cfg = parse_config([])
+batch = torch.utils.data.default_collate([make_datasets(cfg)[0][i] for i in range(4)])
+for precision in ("bf16-mixed", "32-true"):
+    model = shard_model(make_model(cfg), mesh, mixed_precision_policy(precision))
+    print(precision, step_loss(model, batch, cfg).dtype, next(model.parameters()).dtype)
+"""
+
+
+def test_fsdp2_gathers_weights_in_the_autocast_dtype():
+    """Under bf16-mixed the sharded model computes (its loss too) with bf16 weights gathered from float32 shards
+    (half the bytes over the network); at 32-true in float32."""
+    result = subprocess.run([sys.executable, "-c", FSDP2_DTYPES], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "bf16-mixed torch.bfloat16 torch.float32" in result.stdout
+    assert "32-true torch.float32 torch.float32" in result.stdout

@@ -14,6 +14,7 @@ from torch.distributed.tensor import DTensor
 from utils.checkpoint import COMPILED, SHARDED
 from utils.console import print0
 from utils.exits import fail
+from utils.rng import rng_devices
 
 GRADIENT_FLOOR = 1e-3  # gradients below this fraction of the largest are compared at that scale
 
@@ -36,7 +37,7 @@ def compiled_gradient_error(fabric: Fabric, model, batch, step_loss, seed: int) 
                           if p.requires_grad], strict=True)  # names as in a checkpoint
 
     def loss_and_gradients() -> tuple[torch.Tensor, list]:
-        with torch.random.fork_rng(devices=[fabric.device] if fabric.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=rng_devices(fabric.device)):
             torch.manual_seed(seed)
             with fabric.autocast():  # both under the run's precision
                 # the module inside Fabric's wrapper (which insists on fabric.backward)

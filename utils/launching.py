@@ -1,14 +1,17 @@
 """Starting a run: Fabric for the configured hardware, and the processes (Fabric's own launcher, or one that has
 already started them all)."""
 
+import functools
 import logging
 import os
 import warnings
 
+import torch
 from lightning.fabric import Fabric
 from lightning.fabric.plugins import DoublePrecision
 from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from model import shard_model
 from utils.batching import planned_world_size
@@ -39,25 +42,42 @@ def launcher_hardware() -> dict:
 
 
 def make_fabric(cfg) -> Fabric:
-    """Fabric with atomic, streamed checkpoint files (folders of shards under fsdp2, see utils/checkpoint.py); a
-    hardware setting it rejects is a one-line error."""
+    """Fabric with atomic, streamed checkpoint files (folders of shards under fsdp2, see utils/checkpoint.py), and
+    TF32 on CUDA unless --tf32 false; a hardware setting it rejects is a one-line error."""
     hardware = {"accelerator": cfg.accelerator, "devices": cfg.devices, "num_nodes": cfg.num_nodes}
     try:
         if cfg.strategy != "fsdp2":
-            return Fabric(**hardware, strategy=cfg.strategy, precision=cfg.precision, plugins=[AtomicCheckpointIO()])
-        # FSDP2 (model.shard_model) over every process. ModelParallelStrategy takes the data-parallel size up front
-        # ("auto" would be the number of nodes), so a first Fabric resolves devices x num_nodes; it refuses a
-        # CheckpointIO plugin and the "64-true" string (its plugin works)
-        world_size = planned_world_size(Fabric(**hardware, strategy="ddp"))
-        strategy = ModelParallelStrategy(shard_model, data_parallel_size=world_size, tensor_parallel_size=1)
-        double = cfg.precision in ("64-true", "64")
-        return Fabric(**hardware, strategy=strategy, precision=None if double else cfg.precision,
-                      plugins=[DoublePrecision()] if double else None)
+            fabric = Fabric(**hardware, strategy=cfg.strategy, precision=cfg.precision, plugins=[AtomicCheckpointIO()])
+        else:
+            # FSDP2 (model.shard_model) over every process. ModelParallelStrategy takes the data-parallel size up
+            # front ("auto" would be the number of nodes), so a first Fabric resolves devices x num_nodes; it refuses
+            # a CheckpointIO plugin and the "64-true" string (its plugin works)
+            world_size = planned_world_size(Fabric(**hardware, strategy="ddp"))
+            shard = functools.partial(shard_model, policy=mixed_precision_policy(cfg.precision))
+            strategy = ModelParallelStrategy(shard, data_parallel_size=world_size, tensor_parallel_size=1)
+            double = cfg.precision in ("64-true", "64")
+            fabric = Fabric(**hardware, strategy=strategy, precision=None if double else cfg.precision,
+                            plugins=[DoublePrecision()] if double else None)
     except TypeError as err:  # Fabric's word for devices its accelerator does not take ("-1" or "0,1" on a CPU)
         fail(f"devices={cfg.devices!r} is invalid for accelerator={cfg.accelerator!r}: "
              f"{str(err).strip().splitlines()[0]}")
     except (ValueError, RuntimeError, MisconfigurationException) as err:
         fail(str(err).strip().splitlines()[0])
+    torch.set_float32_matmul_precision(matmul_precision(cfg.tf32, fabric.device))
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
+    return fabric
+
+
+def matmul_precision(tf32: bool, device: torch.device) -> str:
+    """torch's float32 matmul precision: "high" (TF32) on CUDA when tf32 is on, else "highest" (full float32)."""
+    return "high" if tf32 and device.type == "cuda" else "highest"
+
+
+def mixed_precision_policy(precision: str | None) -> MixedPrecisionPolicy:
+    """FSDP2's dtypes: under bf16- and 16-mixed the weights are gathered in the autocast dtype (half the bytes of
+    float32 over the network) and gradients reduced in float32; otherwise as they are."""
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
 
 
 def launch(fabric: Fabric) -> None:

@@ -10,14 +10,16 @@ from utils.checkpoint import CheckpointError, load_model_weights
 from utils.compile_check import check_compiled_model
 from utils.console import print0
 from utils.exits import fail
+from utils.rng import rng_devices
 
 
 def setup_model(fabric: Fabric, cfg, lr: float, train_set: Dataset, micro_batch: int, step_loss):
     """The model of model.py (with init_from's weights in a new run), compiled and checked if asked (step_loss(module,
     batch): training_step's loss), and its optimizer, both set up by Fabric. Returns them and the optimizer's group
     sizes."""
-    # every rank builds the same initial weights (FSDP2 does not copy rank 0's as DDP does), outside its own stream
-    with torch.random.fork_rng(devices=[]):
+    # every rank builds the same initial weights (FSDP2 does not copy rank 0's as DDP does), outside its own stream:
+    # manual_seed reseeds the CUDA generators too, so this rank's is restored with the CPU's (its dropout masks)
+    with torch.random.fork_rng(devices=rng_devices(fabric.device)):
         torch.manual_seed(cfg.seed)
         model = model_py.make_model(cfg)  # looked up at the call: a test's probe can wrap it
     if cfg.init_from and cfg.resume is None:  # a resumed run continues from its own checkpoint instead

@@ -87,7 +87,8 @@ def record_provenance(run_dir: Path, world_size: int, num_nodes: int, device: to
              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
              f"{device.type} ({platform.processor() or platform.machine()})",
              "python": platform.python_version(), "torch": str(torch.__version__), "lightning": lightning.__version__,
-             "cuda": torch.version.cuda, "code": new_copy or latest.name}
+             "cuda": torch.version.cuda, "float32_matmul": torch.get_float32_matmul_precision(),  # TF32: high
+             "code": new_copy or latest.name}
     if commit is not None:
         diff = _git("diff", "HEAD")
         entry |= {"git_commit": commit.strip(), "dirty": bool(diff)}

@@ -7,6 +7,14 @@ import torch
 from lightning.fabric import Fabric
 
 
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA device whose generator this process draws from, for fork_rng, which restores only the devices it is
+    given (torch.manual_seed inside it reseeds every CUDA generator)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def capture_rng() -> dict[str, torch.Tensor]:
     _, py_state, py_gauss = random.getstate()
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
