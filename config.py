@@ -96,16 +96,17 @@ class Config:
     """Dropout probability of the model."""
     compile: bool = False
     """Compile the model with torch.compile."""
-    tf32: bool = True
-    """On CUDA, float32 matrix multiplies and convolutions use TF32 (Ampere and newer: several times faster, about
-    10 bits of mantissa in the products); false keeps full float32. No effect on a CPU or at other precisions."""
     compile_check: bool = True
     """With COMPILE: first compare the compiled model's loss and gradients with eager mode's on one batch, and stop
     if they differ (a compiler bug)."""
     init_from: str | None = None
     """Start a new run from these model weights: a checkpoint of this template or a plain state_dict file."""
-    num_workers: int = 0
-    """DataLoader worker processes per device."""
+    num_workers: int | None = None
+    """DataLoader worker processes per device. Unset: up to 4 on CUDA (the host must keep ahead of the GPU), none
+    on a CPU (whose cores train)."""
+    tf32: bool = True
+    """On CUDA, float32 matrix multiplies and convolutions use TF32 (Ampere and newer: several times faster, about
+    10 bits of mantissa in the products); false keeps full float32. No effect on a CPU or at other precisions."""
 
     logger_name: list[str] = list_field("csv", "tensorboard", choices=LOGGERS)
     """Loggers, one or more of: csv tensorboard wandb."""
@@ -162,7 +163,7 @@ class Config:
             ("weight_decay", self.weight_decay >= 0, "at least 0"),
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0 is off)"),
-            ("num_workers", self.num_workers >= 0, "at least 0"),
+            ("num_workers", self.num_workers is None or self.num_workers >= 0, "at least 0"),
             ("num_checkpoint_keep", self.num_checkpoint_keep >= 1, "at least 1"),
             ("lr_schedule", self.lr_schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
             ("warmup_steps", self.warmup_steps >= 0, "at least 0"),

@@ -122,6 +122,12 @@ class RandomWindows(Dataset):
         chunk = torch.from_numpy(self.tokens[i : i + self.block_size + 1].astype(np.int64))
         return chunk[:-1], chunk[1:]
 
+    def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A whole batch in one read of the token file (the DataLoader calls this instead of one call per window)."""
+        starts = np.asarray(indices, dtype=np.int64)[:, None]
+        chunks = torch.from_numpy(self.tokens[starts + np.arange(self.block_size + 1)].astype(np.int64))
+        return list(zip(chunks[:, :-1], chunks[:, 1:], strict=True))
+
 
 class ScoredWindows(Dataset):
     """Consecutive windows whose targets are the characters start .. end - 1, each exactly once. A window's inputs

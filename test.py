@@ -24,7 +24,7 @@ from model import make_model
 from train import evaluate
 from utils.checkpoint import checkpoint_step, holds_average, write_text_atomically
 from utils.console import print0
-from utils.datasets import load_datasets
+from utils.datasets import load_datasets, loader_settings
 from utils.exits import exit_run, fail
 from utils.launching import launch, make_fabric
 from utils.report import write_report
@@ -55,7 +55,8 @@ def main() -> None:
     launch(fabric)
     _, _, test_set = load_datasets(fabric, cfg)
     batch_size = min(filter(None, (derived.get("micro_batch_size"), cfg.micro_batch_size, cfg.eff_batch_size)))
-    loader = DataLoader(test_set, batch_size=batch_size, num_workers=cfg.num_workers,
+    settings = loader_settings(fabric.device, fabric.world_size // cfg.num_nodes, cfg.num_workers)
+    loader = DataLoader(test_set, batch_size=batch_size, **settings,
                         sampler=ShardSampler(len(test_set), fabric.world_size, fabric.global_rank))
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
 

@@ -244,3 +244,12 @@ def test_meta_device_count_of_the_gpt_matches_the_formula():
     model = make_model(cfg)
     block_weights = sum(p.numel() for p in model.blocks.parameters() if p.dim() == 2)
     assert flops == 6 * (block_weights + vocab * C) * batch * T + 12 * layers * batch * T * T * C
+
+
+def test_a_batch_of_training_windows_is_read_at_once():
+    """RandomWindows.__getitems__ (which the DataLoader calls with a whole batch of indices) gives exactly the
+    windows of __getitem__."""
+    train_set, _, _ = make_datasets(parse_config(PRESET))
+    indices = torch.randint(0, len(train_set), (32,), generator=torch.Generator().manual_seed(0)).tolist()
+    batched, one_by_one = train_set.__getitems__(indices), [train_set[i] for i in indices]
+    assert all(torch.equal(a, b) for pair in zip(batched, one_by_one, strict=True) for a, b in zip(*pair, strict=True))

@@ -3,6 +3,7 @@ and a fused optimizer (as on CUDA), the scaler across a resume, ..."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision
 
 from config import parse_config
+from utils.datasets import loader_settings
 from utils.launching import matmul_precision
 from utils.model_setup import clip_gradients
 from utils.rng import rng_devices
@@ -123,3 +125,29 @@ def test_fsdp2_gathers_weights_in_the_autocast_dtype():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "bf16-mixed torch.bfloat16 torch.float32" in result.stdout
     assert "32-true torch.float32 torch.float32" in result.stdout
+
+
+def test_loader_settings_follow_the_device():
+    def settings(device, processes=1, num_workers=None):
+        return loader_settings(torch.device(device), processes, num_workers)
+
+    cores = len(os.sched_getaffinity(0))
+    assert settings("cpu") == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
+    assert settings("cuda") == {"num_workers": max(0, min(4, cores - 1)), "pin_memory": True,
+                                "persistent_workers": cores > 1}
+    assert settings("cuda", processes=cores)["num_workers"] == 0  # one core per process: none to spare
+    assert settings("cpu", num_workers=2) == {"num_workers": 2, "pin_memory": False, "persistent_workers": True}
+
+
+def test_workers_keep_the_resume_exact(tmp_path):
+    """With DataLoader workers (the default on CUDA), kept across epochs: a stop mid-epoch 2 and a resume end where
+    the run without workers ends."""
+    run_script("train.py", "--root_dir", tmp_path / "plain", *ARGS, "--epochs", "2")
+    workers = [*ARGS, "--epochs", "2", "--num_workers", "2"]
+    run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *workers, check_rc=143,
+               env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": str(STEPS + STEPS // 2)})
+    stopped = only_run(tmp_path / "stopped")
+    run_script("train.py", "--root_dir", tmp_path / "stopped", *workers, "--resume", stopped)
+    a, b = load(checkpoints(only_run(tmp_path / "plain"))[-1]), load(checkpoints(stopped)[-1])
+    assert a["global_step"] == b["global_step"] == 2 * STEPS
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

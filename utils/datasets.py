@@ -1,6 +1,8 @@
 """Building the datasets of data.py on every rank (local rank 0 first, bad data as one line, map-style only), and
 their loaders."""
 
+import os
+
 import torch
 from lightning.fabric import Fabric
 from torch.utils.data import DataLoader, Dataset, IterableDataset
@@ -29,10 +31,22 @@ def load_datasets(fabric: Fabric, cfg) -> tuple[Dataset, Dataset, Dataset]:
 def make_loaders(fabric: Fabric, cfg, train_set: Dataset, val_set: Dataset, sampler: ResumableShuffleSampler,
                  micro_batch: int) -> tuple[DataLoader, DataLoader]:
     """The training loader (this rank's share of each step, from `sampler`) and the validation loader."""
+    settings = loader_settings(fabric.device, fabric.world_size // cfg.num_nodes, cfg.num_workers)
     # the loader's own generator keeps iterator creation from drawing on the global RNG (exact resume)
-    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, num_workers=cfg.num_workers,
+    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, **settings,
                               generator=torch.Generator().manual_seed(cfg.seed))
     # validation forwards at most the training micro-batch: a run sized to fit memory in training fits here too
-    val_loader = DataLoader(val_set, batch_size=micro_batch, num_workers=cfg.num_workers,
+    val_loader = DataLoader(val_set, batch_size=micro_batch, **settings,
                             sampler=ShardSampler(len(val_set), fabric.world_size, fabric.global_rank))
     return fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
+
+
+def loader_settings(device: torch.device, processes_per_node: int, num_workers: int | None) -> dict:
+    """DataLoader settings for this machine: num_workers as given, else up to 4 per process on CUDA (as many as its
+    share of the node's cores allows, one kept for the process itself) and none on a CPU; pinned memory on CUDA,
+    so that copies to the device need not wait; workers kept from one epoch to the next."""
+    cuda = device.type == "cuda"
+    if num_workers is None:
+        per_process = len(os.sched_getaffinity(0)) // max(1, processes_per_node)
+        num_workers = max(0, min(4, per_process - 1)) if cuda else 0
+    return {"num_workers": num_workers, "pin_memory": cuda, "persistent_workers": num_workers > 0}
