@@ -142,12 +142,11 @@ def main() -> None:
         return
     import lightning
     import torch
-    from lightning.fabric.utilities.throughput import get_available_flops
 
     sys.path.insert(0, str(REPO))
     from model import GPT
     from train import step_loss
-    from utils.throughput import count_flops
+    from utils.throughput import count_flops, peak_flops
 
     shape = TINY if args.tiny else GPT2_SMALL
     steps = 30 if args.tiny else args.steps
@@ -159,8 +158,8 @@ def main() -> None:
     params = sum(p.numel() for p in GPT(config, shape["vocab"], 0.0).parameters())
     device = torch.device(args.accelerator)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak = get_available_flops(device, torch.bfloat16) if device.type == "cuda" else None
-    peak_text = f"{peak / 1e12:.0f} TFLOPS" if peak else "unknown (not a GPU, or not in Fabric's table): no MFU"
+    peak = peak_flops(name, "bf16") if device.type == "cuda" else None
+    peak_text = f"{peak / 1e12:.0f} TFLOPS" if peak else "unknown (not a GPU, or not in utils/throughput.py): no MFU"
     print(f"{time.strftime('%Y-%m-%d')}, {name}, torch {torch.__version__}, lightning {lightning.__version__}; "
           f"GPT of {params / 1e6:.1f}M parameters, {args.batch} x {shape['block_size']} tokens per step, {steps} "
           f"steps, {args.rounds} rounds, bf16-mixed; dense bf16 peak {peak_text}")
