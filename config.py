@@ -101,6 +101,10 @@ class Config:
     if they differ (a compiler bug)."""
     init_from: str | None = None
     """Start a new run from these model weights: a checkpoint of this template or a plain state_dict file."""
+    collective_timeout: float = 10.0
+    """Minutes a process waits for the others in a collective once training runs: a process that died or hangs
+    then stops every other with one line (resume with --resume auto). Before the first step (compilation, data
+    built by one process first) the wait is 60 minutes or this, the longer."""
     num_workers: int | None = None
     """DataLoader worker processes per device. Unset: up to 4 on CUDA (the host must keep ahead of the GPU), none
     on a CPU (whose cores train)."""
@@ -164,6 +168,7 @@ class Config:
             ("dropout", 0 <= self.dropout < 1, "in [0, 1)"),
             ("ema_decay", 0 <= self.ema_decay < 1, "in [0, 1) (0 is off)"),
             ("num_workers", self.num_workers is None or self.num_workers >= 0, "at least 0"),
+            ("collective_timeout", self.collective_timeout > 0, "more than 0 minutes"),
             ("num_checkpoint_keep", self.num_checkpoint_keep >= 1, "at least 1"),
             ("lr_schedule", self.lr_schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
             ("warmup_steps", self.warmup_steps >= 0, "at least 0"),

@@ -47,8 +47,8 @@ from utils.console import print0, progress_bar
 from utils.datasets import load_datasets, make_loaders
 from utils.early_stopping import follow_validation, monitor_direction
 from utils.ema import EMA
-from utils.exits import exit_run, fail
-from utils.launching import launch, make_fabric
+from utils.exits import exit_run, fail, on_rank_zero, peer_failures_reported
+from utils.launching import launch, make_fabric, shorten_collective_timeout
 from utils.loggers import close_loggers, is_log_step, log_hparams_table, log_hyperparams, make_loggers
 from utils.loss_check import check_losses_and_votes, check_validation, split_step_output
 from utils.lr_schedule import lr_at
@@ -187,29 +187,32 @@ def main(cfg: Config) -> None:
     if resumed and (finished := nothing_to_train(cfg, run_dir, state, total_steps)):
         print0(finished)
         exit_run(0)
-    abandoned = move_newer_aside(ckpt_dir, resumed_from) if resume_file and fabric.is_global_zero else None
-    if abandoned:
-        print0(f"resuming from an earlier checkpoint starts a branch: the newer checkpoints were moved to {abandoned}")
-
-    # -- the run's record (rank 0): config.yaml at the first start, what each resume changed in resumes.yaml -------
+    # -- the run's record and loggers (rank 0): config.yaml at the first start, what each resume changed ----------
     derived = {"world_size": fabric.world_size, "per_device_batch_size": batches.per_device,
                "accum_steps": batches.accum_steps, "micro_batch_size": batches.micro, "lr": lr,
                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "param_groups": param_groups}
     settings = settings_record(cfg)
     hyperparams = {**settings, **derived}
-    if fabric.is_global_zero:  # and the code that runs: provenance.yaml, a copy in code/ (see utils/provenance.py)
-        code_copy = record_provenance(run_dir, fabric.world_size, cfg.num_nodes, fabric.device)
+
+    def record_run() -> list:
+        abandoned = move_newer_aside(ckpt_dir, resumed_from) if resume_file else None  # a branch
+        if abandoned:
+            print0(f"resuming from an earlier checkpoint starts a branch: the newer checkpoints were moved to "
+                   f"{abandoned}")
+        code_copy = record_provenance(run_dir, fabric.world_size, cfg.num_nodes, fabric.device)  # see provenance.py
         if resumed:
             for change in resume_changes(run_dir, settings, derived, start_step):  # one line each
                 print0(change)
             record_resume(run_dir, settings, derived, start_step, resumed_from, abandoned, code_copy)
         else:
             record_start(run_dir, settings, derived)
-    # loggers live on rank 0 only (fabric.log_dict is a no-op elsewhere); they need the run folder
-    loggers = make_loggers(cfg.logger_name, run_dir, start_step, cfg.wandb_project) if fabric.is_global_zero else []
-    fabric._loggers = loggers
-    if start_step == 0:  # once per run
-        log_hyperparams(fabric.loggers, hyperparams)
+        loggers = make_loggers(cfg.logger_name, run_dir, start_step, cfg.wandb_project)  # they need the run folder
+        if start_step == 0:  # once per run
+            log_hyperparams(loggers, hyperparams)
+        return loggers
+
+    # all ranks: loggers live on rank 0 only (fabric.log_dict is a no-op elsewhere); its failure stops every rank
+    fabric._loggers = on_rank_zero(fabric, "recording the run", record_run) or []
     if resumed_from is not None:
         print0(f"resumed from {resumed_from} at step {start_step}")
     print0(f"run folder {run_dir}: {fabric.world_size} process(es) x {batches.per_device} samples "
@@ -256,6 +259,8 @@ def main(cfg: Config) -> None:
             # -----------------------------------------------------------------------------------------------------
 
             global_step += 1
+            if global_step == start_step + 1:  # compiled and loaded: a dead or hung peer is now noticed sooner
+                shorten_collective_timeout(cfg.collective_timeout)
             window_steps += 1
             unsynced_steps.append(step_values)
             step_values = 0
@@ -355,5 +360,6 @@ def main(cfg: Config) -> None:
 
 
 if __name__ == "__main__":
-    main(load_config(description=__doc__))
+    with peer_failures_reported():  # a process of the run that died or hangs: one line on every other, exit 1
+        main(load_config(description=__doc__))
     exit_run(0, teardown=False)  # saves the second that freeing torch and lightning takes (utils/exits.py)

@@ -3,7 +3,8 @@ with probes that record what the script does.
 
 Environment (all optional):
   FAULT_AT_FORWARD=k   the k-th training forward of this rank (1-based)
-  FAULT=sigusr1|sigterm|sigint|sigkill|nan   send this process that real signal, or make that forward's output NaN
+  FAULT=sigusr1|sigterm|sigint|sigkill|sigstop|nan   send this process that real signal (sigstop: a hung process),
+                       or make that forward's output NaN
   FAULT_RANKS=0,1      the global ranks that get the fault (default: all)
   BREAK=rng|sampler_epoch|batch_skip  switch off one part of exact resume, for the negative controls; BREAK=same_init:
                        every rank builds its initial weights from its own seed; BREAK=validation_check: a NaN
@@ -79,7 +80,7 @@ def inject(module, inputs, output):
     if fault == "nan":
         return output * float("nan")
     os.kill(os.getpid(), {"sigusr1": signal.SIGUSR1, "sigterm": signal.SIGTERM, "sigint": signal.SIGINT,
-                         "sigkill": signal.SIGKILL}[fault])
+                         "sigkill": signal.SIGKILL, "sigstop": signal.SIGSTOP}[fault])
     return None
 
 
@@ -221,5 +222,6 @@ if os.environ.get("SCRIPT") == "test":  # not runpy: it would point sys.argv[0] 
     spec.loader.exec_module(test_script)
     test_script.main()
 else:
-    train.main(train.load_config(description=train.__doc__))
+    with train.peer_failures_reported():  # as train.py runs main
+        train.main(train.load_config(description=train.__doc__))
 train.exit_run(0)

@@ -6,7 +6,9 @@ import math
 import os
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 from conftest import REPO, assert_one_error_line, checkpoints, load, only_run, run_script, workload
 from lightning.fabric import Fabric
@@ -151,3 +153,34 @@ def test_workers_keep_the_resume_exact(tmp_path):
     a, b = load(checkpoints(only_run(tmp_path / "plain"))[-1]), load(checkpoints(stopped)[-1])
     assert a["global_step"] == b["global_step"] == 2 * STEPS
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("fault", ["sigkill", "sigstop"])
+def test_a_peer_that_dies_or_hangs_stops_the_others_with_one_line_and_the_run_resumes_exactly(tmp_path, fault):
+    """Rank 1 of 2 killed (-9) or stopped (SIGSTOP: a hung process) mid-epoch 2: rank 0 exits 1 with one line
+    within the collective timeout (6 s here; gloo notices a dead peer at once), the stopped process is ended too,
+    and `--resume auto` continues from the epoch-1 checkpoint to the weights of a run never stopped."""
+    args = [*ARGS, "--devices", "2", "--epochs", "2", "--collective_timeout", "0.1"]
+    run_script("train.py", "--root_dir", tmp_path / "straight", *args)
+    start = time.perf_counter()
+    result = run_script("tests/fault_driver.py", "--root_dir", tmp_path / "faulted", *args, check_rc=1, timeout=120,
+                        env={"FAULT": fault, "FAULT_AT_FORWARD": str(STEPS + STEPS // 2), "FAULT_RANKS": "1"})
+    assert time.perf_counter() - start < 60
+    assert_one_error_line(result, "rank 0: another process of this run died or stopped answering",
+                          "Timed out" if fault == "sigstop" else "Connection reset by peer",
+                          "run the same command with --resume auto to continue")
+    assert subprocess.run(["pgrep", "-f", str(tmp_path / "faulted")], capture_output=True).stdout == b""
+    result = run_script("train.py", "--root_dir", tmp_path / "faulted", *args, "--resume", "auto")
+    assert f"at step {STEPS}" in result.stdout
+    a, b = (load(checkpoints(only_run(tmp_path / name))[-1]) for name in ("straight", "faulted"))
+    assert a["global_step"] == b["global_step"] == 2 * STEPS
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_failure_on_rank_0_alone_stops_every_rank_with_one_line(tmp_path):
+    """wandb online without an API key (a batch job) fails where only rank 0 goes, starting the loggers: both ranks
+    exit 1 with the same one line, none waits for rank 0 in a collective."""
+    result = run_script("train.py", "--root_dir", tmp_path, *ARGS, "--devices", "2", "--epochs", "1",
+                        "--logger_name", "csv", "wandb", env={"WANDB_MODE": "online", "WANDB_API_KEY": ""},
+                        check_rc=1, timeout=120)
+    assert_one_error_line(result, "recording the run failed on rank 0: UsageError: No API key configured")

@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import warnings
+from datetime import timedelta
 
 import torch
 from lightning.fabric import Fabric
@@ -14,6 +15,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from model import shard_model
+from utils import exits
 from utils.batching import planned_world_size
 from utils.checkpoint import AtomicCheckpointIO
 from utils.exits import fail
@@ -63,6 +65,8 @@ def make_fabric(cfg) -> Fabric:
              f"{str(err).strip().splitlines()[0]}")
     except (ValueError, RuntimeError, MisconfigurationException) as err:
         fail(str(err).strip().splitlines()[0])
+    if hasattr(fabric.strategy, "_timeout"):  # the process group's, until the first step (see collective_timeout)
+        fabric.strategy._timeout = timedelta(minutes=max(60.0, cfg.collective_timeout))
     torch.set_float32_matmul_precision(matmul_precision(cfg.tf32, fabric.device))
     torch.backends.cudnn.allow_tf32 = cfg.tf32
     return fabric
@@ -91,3 +95,11 @@ def launch(fabric: Fabric) -> None:
         logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     if not os.environ.get("LT_CLI_USED"):  # under `fabric run` the processes exist already
         fabric.launch()
+        exits.LAUNCHED[:] = getattr(fabric.strategy.launcher, "procs", [])  # stopped when a peer fails
+
+
+def shorten_collective_timeout(minutes: float) -> None:
+    """After the first step, a collective waits `minutes` for a process that died or hangs, not the hour allowed
+    for compilation and data preparation before it (gloo notices a dead peer at once; NCCL waits)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.distributed_c10d._set_pg_timeout(timedelta(minutes=minutes))
