@@ -8,11 +8,12 @@ train.py against a plain PyTorch loop.
 The template runs unmodified; only its data module is swapped for random tokens, as a user would swap data.py.
 Each run is a fresh process; rounds interleave the variants. Tokens per second are taken over the steps after the
 first 10 (both loops read a value back at their log steps, every 10 steps, which bounds the queued work). MFU is
-against the device's dense bf16 peak from Fabric's table, left out for a device the table does not list. Peak GPU
+against the device's dense bf16 peak from utils/throughput.py, left out for a device the table does not list. Peak GPU
 memory is torch.cuda.max_memory_allocated.
 """
 
 import argparse
+import atexit
 import json
 import math
 import statistics
@@ -103,11 +104,13 @@ def child(variant: str, spec: dict, out: Path) -> None:
     import torch
 
     spec["compile"] = variant.endswith("--compile")
-    try:
-        (template if variant.startswith("template") else plain)(spec, out)
-    finally:
+
+    def write_memory() -> None:  # at exit: train.py leaves through os._exit after running the exit handlers
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             (out / "memory.json").write_text(json.dumps({"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}))
+
+    atexit.register(write_memory)
+    (template if variant.startswith("template") else plain)(spec, out)
 
 
 def run_once(variant: str, spec_file: Path, out: Path) -> dict:

@@ -48,6 +48,7 @@ def test_clipping_under_a_loss_scaler_and_a_fused_optimizer_unscales_first():
     assert scaler.get_scale() == 1024.0  # a finite step: taken, the scale unchanged
 
 
+@pytest.mark.slow
 def test_16_mixed_trains_clips_and_reads_the_device_only_at_log_steps(tmp_path):
     """A whole run at 16-mixed with --grad_clip, a real scaler and a fused AdamW: every step taken, the scale in the
     checkpoint, and the host reads tensor values only at log, validation and checkpoint steps (as at 32-true)."""
@@ -62,6 +63,7 @@ def test_16_mixed_trains_clips_and_reads_the_device_only_at_log_steps(tmp_path):
     assert reads - {0} == {half, STEPS, STEPS + half, 2 * STEPS}, reads
 
 
+@pytest.mark.slow
 def test_a_run_without_a_scaler_resumes_at_16_mixed_with_a_fresh_one(tmp_path):
     run_script("train.py", "--root_dir", tmp_path, *ARGS, "--epochs", "1")
     run = only_run(tmp_path)
@@ -70,6 +72,7 @@ def test_a_run_without_a_scaler_resumes_at_16_mixed_with_a_fresh_one(tmp_path):
     assert load(checkpoints(run)[-1])["scaler"]["_growth_tracker"] == STEPS
 
 
+@pytest.mark.slow
 def test_a_nan_in_validation_stops_every_rank_before_it_is_kept(tmp_path):
     """NaN outputs in one validation batch of one rank (as NaN weights give): both ranks stop with one line, exit 1,
     and nothing is saved from that step, best.ckpt included. Negative control: without the check the run ends with
@@ -119,6 +122,7 @@ for precision in ("bf16-mixed", "32-true"):
 """
 
 
+@pytest.mark.slow
 def test_fsdp2_gathers_weights_in_the_autocast_dtype():
     """Under bf16-mixed the sharded model computes (its loss too) with bf16 weights gathered from float32 shards
     (half the bytes over the network); at 32-true in float32."""
@@ -141,6 +145,7 @@ def test_loader_settings_follow_the_device():
     assert settings("cpu", num_workers=2) == {"num_workers": 2, "pin_memory": False, "persistent_workers": True}
 
 
+@pytest.mark.slow
 def test_workers_keep_the_resume_exact(tmp_path):
     """With DataLoader workers (the default on CUDA), kept across epochs: a stop mid-epoch 2 and a resume end where
     the run without workers ends."""
@@ -155,6 +160,7 @@ def test_workers_keep_the_resume_exact(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["sigkill", "sigstop"])
 def test_a_peer_that_dies_or_hangs_stops_the_others_with_one_line_and_the_run_resumes_exactly(tmp_path, fault):
     """Rank 1 of 2 killed (-9) or stopped (SIGSTOP: a hung process) mid-epoch 2: rank 0 exits 1 with one line
@@ -177,6 +183,7 @@ def test_a_peer_that_dies_or_hangs_stops_the_others_with_one_line_and_the_run_re
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_a_failure_on_rank_0_alone_stops_every_rank_with_one_line(tmp_path):
     """wandb online without an API key (a batch job) fails where only rank 0 goes, starting the loggers: both ranks
     exit 1 with the same one line, none waits for rank 0 in a collective."""
@@ -184,3 +191,20 @@ def test_a_failure_on_rank_0_alone_stops_every_rank_with_one_line(tmp_path):
                         "--logger_name", "csv", "wandb", env={"WANDB_MODE": "online", "WANDB_API_KEY": ""},
                         check_rc=1, timeout=120)
     assert_one_error_line(result, "recording the run failed on rank 0: UsageError: No API key configured")
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_end_to_end_as_a_dry_run_on_cpu(tmp_path):
+    """scripts/gpu_check.sh --accelerator cpu: every path of the GPU check runs (on CPU processes) and the table
+    says so; the kill -9 and resume path ends bit-identical here."""
+    table = tmp_path / "gpu_check.md"
+    result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--accelerator", "cpu", "--out", table],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line.split(" | ") for line in table.read_text().splitlines() if line.startswith("| ") and "---" not in
+            line][1:]
+    assert [row[0] for row in rows] == ["| 32-true (TF32)", "| bf16-mixed", "| 16-mixed, grad_clip 1",
+                                        "| 16-mixed, no clipping", "| bf16-mixed --compile", "| DDP x2 bf16-mixed",
+                                        "| fsdp2 x2 bf16-mixed", "| kill -9, --resume auto"]
+    assert all(row[1] == "0" for row in rows) and "difference to the run never stopped: 0.0e+00" in rows[-1][-1]
+    assert all(float(row[3].replace(",", "")) > 0 for row in rows[:-1])  # tokens per second, from each run's log
