@@ -8,7 +8,9 @@ and a row: exit status, seconds per step, tokens per second and MFU (as train.py
 peak GPU memory, and host syncs per step after the first (torch.cuda.set_sync_debug_mode("warn") counts every
 operation that makes the host wait). Paths: 32-true (TF32), bf16-mixed, 16-mixed with and without --grad_clip,
 --compile at bf16-mixed, a kill -9 mid-run and --resume auto against a run never stopped (the largest weight
-difference), and on 2 or more GPUs DDP and fsdp2 at bf16-mixed. It installs nothing and writes its table to --out.
+difference), and on 2 or more GPUs DDP and fsdp2 at bf16-mixed. Then benchmarks/checkpoint_save.py on a model of
+1.6 GB: how long the template's background save blocks training, and how much it slows the steps meanwhile.
+It installs nothing and writes its tables to --out.
 """
 
 import argparse
@@ -158,7 +160,16 @@ def main() -> None:
         rows.append(row)
     write_table(rows, device, args.out, f"the GPT GPU preset{'' if cuda else ' shrunk to 2 layers of width 64'}, "
                 f"{steps} steps per eager path")
-    sys.exit(0 if all(row["exit"] == 0 for row in rows) else 1)
+    # the background checkpoint save of a model of 1.6 GB (a small one in the dry run): how long it blocks training
+    size = ["--layers", "24", "--width", "4096"] if cuda else ["--layers", "2", "--width", "512"]
+    save = subprocess.run([sys.executable, str(REPO / "benchmarks" / "checkpoint_save.py"), "--accelerator",
+                           args.accelerator, "--repeats", "1", *size], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    report = save.stdout if save.returncode == 0 else f"checkpoint_save.py failed:\n{save.stderr[-2000:]}"
+    with open(args.out, "a") as f:
+        f.write(f"\nCheckpoint saves (benchmarks/checkpoint_save.py {' '.join(size)}):\n\n{report}")
+    print(report)
+    sys.exit(0 if all(row["exit"] == 0 for row in rows) and save.returncode == 0 else 1)
 
 
 def write_table(rows: list[dict], device: str, out: Path, workload: str) -> None:

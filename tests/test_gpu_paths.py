@@ -201,10 +201,11 @@ def test_the_gpu_check_runs_end_to_end_as_a_dry_run_on_cpu(tmp_path):
     result = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--accelerator", "cpu", "--out", table],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = [line.split(" | ") for line in table.read_text().splitlines() if line.startswith("| ") and "---" not in
-            line][1:]
+    lines = table.read_text().split("Checkpoint saves")[0].splitlines()
+    rows = [line.split(" | ") for line in lines if line.startswith("| ") and "---" not in line][1:]
     assert [row[0] for row in rows] == ["| 32-true (TF32)", "| bf16-mixed", "| 16-mixed, grad_clip 1",
                                         "| 16-mixed, no clipping", "| bf16-mixed --compile", "| DDP x2 bf16-mixed",
                                         "| fsdp2 x2 bf16-mixed", "| kill -9, --resume auto"]
     assert all(row[1] == "0" for row in rows) and "difference to the run never stopped: 0.0e+00" in rows[-1][-1]
     assert all(float(row[3].replace(",", "")) > 0 for row in rows[:-1])  # tokens per second, from each run's log
+    assert "| template save_checkpoint (background) |" in table.read_text()  # the save benchmark, appended
