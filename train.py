@@ -40,7 +40,6 @@ from utils.checkpoint import (
     CheckpointError,
     checkpoint_name,
     finish_saves,
-    move_newer_aside,
     save_checkpoint,
 )
 from utils.console import print0, progress_bar
@@ -49,16 +48,16 @@ from utils.early_stopping import follow_validation, monitor_direction
 from utils.ema import EMA
 from utils.exits import exit_run, fail, on_rank_zero, peer_failures_reported
 from utils.launching import launch, make_fabric, shorten_collective_timeout
-from utils.loggers import close_loggers, is_log_step, log_hparams_table, log_hyperparams, make_loggers
+from utils.loggers import close_loggers, is_log_step, log_hparams_table
 from utils.loss_check import check_losses_and_votes, check_validation, split_step_output
 from utils.lr_schedule import lr_at
 from utils.metrics import Accuracy, ConfusionMatrix, MeanLoss
 from utils.model_setup import clip_gradients, setup_model
 from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED, StopRequest
-from utils.provenance import record_provenance
-from utils.resume import nothing_to_train, resume_changes, resume_state
+from utils.resume import nothing_to_train, resume_state
 from utils.rng import gather_rng
-from utils.run_dir import check_writable, claim_run_dir, record_resume, record_start
+from utils.run_dir import check_writable, claim_run_dir
+from utils.run_start import start_records
 from utils.samplers import ResumableShuffleSampler
 from utils.throughput import Speed
 
@@ -187,32 +186,17 @@ def main(cfg: Config) -> None:
     if resumed and (finished := nothing_to_train(cfg, run_dir, state, total_steps)):
         print0(finished)
         exit_run(0)
-    # -- the run's record and loggers (rank 0): config.yaml at the first start, what each resume changed ----------
+
+    # -- the run's record and loggers: config.yaml at the first start, what each resume changed -------------------
     derived = {"world_size": fabric.world_size, "per_device_batch_size": batches.per_device,
                "accum_steps": batches.accum_steps, "micro_batch_size": batches.micro, "lr": lr,
                "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "param_groups": param_groups}
     settings = settings_record(cfg)
     hyperparams = {**settings, **derived}
-
-    def record_run() -> list:
-        abandoned = move_newer_aside(ckpt_dir, resumed_from) if resume_file else None  # a branch
-        if abandoned:
-            print0(f"resuming from an earlier checkpoint starts a branch: the newer checkpoints were moved to "
-                   f"{abandoned}")
-        code_copy = record_provenance(run_dir, fabric.world_size, cfg.num_nodes, fabric.device)  # see provenance.py
-        if resumed:
-            for change in resume_changes(run_dir, settings, derived, start_step):  # one line each
-                print0(change)
-            record_resume(run_dir, settings, derived, start_step, resumed_from, abandoned, code_copy)
-        else:
-            record_start(run_dir, settings, derived)
-        loggers = make_loggers(cfg.logger_name, run_dir, start_step, cfg.wandb_project)  # they need the run folder
-        if start_step == 0:  # once per run
-            log_hyperparams(loggers, hyperparams)
-        return loggers
-
-    # all ranks: loggers live on rank 0 only (fabric.log_dict is a no-op elsewhere); its failure stops every rank
-    fabric._loggers = on_rank_zero(fabric, "recording the run", record_run) or []
+    # all ranks: rank 0 moves a branch's newer checkpoints aside, records the run and its code, and starts the loggers
+    # (they live on rank 0 only: fabric.log_dict is a no-op elsewhere); a failure there stops every rank
+    fabric._loggers = on_rank_zero(fabric, "recording the run", lambda: start_records(
+        fabric, cfg, run_dir, settings, derived, start_step, resumed_from, resume_file)) or []
     if resumed_from is not None:
         print0(f"resumed from {resumed_from} at step {start_step}")
     print0(f"run folder {run_dir}: {fabric.world_size} process(es) x {batches.per_device} samples "
