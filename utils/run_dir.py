@@ -101,6 +101,8 @@ def claim_run_dir(fabric: Fabric, cfg) -> tuple[Path, Path | None]:
             claimed = run_dir, named
         except RunInUse as err:
             error = f"resume={cfg.resume!r}: {err}; wait for it to end or resume another run"
+        except OSError as err:  # every rank must hear of it: the others wait in the broadcast below
+            error = f"the run folder could not be made or locked under {cfg.root_dir!r}: {err}"
     error = fabric.broadcast(error)  # all ranks
     if error:
         fail(error)
