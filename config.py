@@ -96,6 +96,10 @@ class Config:
     """Dropout probability of the model."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    activation_checkpointing: bool = False
+    """Keep no activations inside each sharding unit (model.sharding_units: the GPT's blocks) in the forward and
+    recompute them in the backward: less memory for about one more forward's time; the same gradients (dropout
+    draws the same masks again)."""
     compile_check: bool = True
     """With COMPILE: first compare the compiled model's loss and gradients with eager mode's on one batch, and stop
     if they differ (a compiler bug)."""

@@ -9,6 +9,7 @@ import torch
 from conftest import assert_one_error_line, checkpoints, load, max_weight_diff, only_run, run_script, workload
 from test_resume import identical
 
+from config import parse_config
 from utils.early_stopping import follow_validation
 from utils.lr_schedule import lr_at
 
@@ -232,3 +233,47 @@ def test_warmup_longer_than_an_epoch_based_run(tmp_path):
     result = train(tmp_path, "--epochs", "1", "--warmup_steps", str(EPOCH), check_rc=2)
     assert_one_error_line(result, f"warmup_steps={EPOCH}", f"fewer than the run's {EPOCH} steps")
     assert list(tmp_path.iterdir()) == []
+
+
+# -- activation checkpointing ----------------------------------------------------------------------------------------
+
+def gradients(cfg, recompute: bool) -> list:
+    """The gradients of one training_step of the copy's model at 64-true, with or without recomputing each
+    sharding unit's activations in the backward."""
+    from torch.utils._pytree import tree_map_only
+    from torch.utils.data import default_collate
+
+    from data import make_datasets
+    from model import make_model, sharding_units
+    from train import step_loss
+    from utils.model_setup import recompute_in_backward
+
+    torch.manual_seed(0)
+    model = make_model(cfg).double()
+    if recompute:
+        for unit in sharding_units(model) or [model]:
+            recompute_in_backward(unit)
+    batch = default_collate([make_datasets(cfg)[0][i] for i in range(8)])
+    batch = tree_map_only(torch.Tensor, lambda t: t.double() if t.is_floating_point() else t, batch)
+    torch.manual_seed(1)  # the dropout masks
+    step_loss(model, batch, cfg).backward()
+    return [p.grad for p in model.parameters()]
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """Bit-identical at 64-true with dropout on (the recomputed forward draws the same masks)."""
+    cfg = parse_config(["--dropout", "0.3"])
+    assert all(torch.equal(a, b) for a, b in zip(gradients(cfg, False), gradients(cfg, True), strict=True))
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_trains_as_without_under_fsdp2(tmp_path):
+    """2 fsdp2 processes at 64-true with dropout: the same final weights with and without it."""
+    args = ["--devices", "2", "--strategy", "fsdp2", "--precision", "64-true", "--dropout", "0.3", "--max_steps",
+            "3", "--val_every_n_steps", "3"]
+    for name, extra in (("plain", []), ("recomputed", ["--activation_checkpointing"])):
+        train(tmp_path / name, *args, *extra)
+    a, b = (load(checkpoints(only_run(tmp_path / name))[-1] / "meta.pt") for name in ("plain", "recomputed"))
+    assert a["global_step"] == b["global_step"] == 3
+    shards = [sorted((tmp_path / name).glob("*/checkpoints/epoch-*/*.distcp")) for name in ("plain", "recomputed")]
+    assert [p.read_bytes() for p in shards[0]] == [p.read_bytes() for p in shards[1]] != []

@@ -3,6 +3,7 @@ check, and AdamW with weight decay on matrices only, all set up by Fabric."""
 
 import torch
 from lightning.fabric import Fabric
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import Dataset, default_collate
 
 import model as model_py
@@ -27,6 +28,9 @@ def setup_model(fabric: Fabric, cfg, lr: float, train_set: Dataset, micro_batch:
             print0(load_model_weights(model, cfg.init_from))
         except CheckpointError as err:
             fail(f"init_from={cfg.init_from!r}{err}")
+    if cfg.activation_checkpointing:  # before compiling and sharding
+        for unit in model_py.sharding_units(model) or [model]:
+            recompute_in_backward(unit)
     if cfg.compile:
         torch._inductor.config.fallback_random = True  # dropout draws from torch's generator: checked and resumed alike
         if cfg.strategy == "fsdp2":
@@ -40,6 +44,14 @@ def setup_model(fabric: Fabric, cfg, lr: float, train_set: Dataset, micro_batch:
         first_batch = fabric.to_device(default_collate([train_set[i] for i in range(micro_batch)]))
         check_compiled_model(fabric, model, first_batch, step_loss, cfg.seed, cfg.precision)
     return model, optimizer, param_groups
+
+
+def recompute_in_backward(unit: torch.nn.Module) -> None:
+    """--activation_checkpointing: the unit's forward keeps only its inputs, and runs again in the backward (torch's
+    non-reentrant checkpoint, which restores the random state: the same dropout masks). The module stays in its
+    place, so parameter names, and checkpoints, do not change; torch.compile traces through it."""
+    forward = unit.forward
+    unit.forward = lambda *args, **kwargs: checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def make_optimizer(fabric: Fabric, model: torch.nn.Module, cfg, lr: float):
