@@ -133,6 +133,9 @@ class Config:
     """Save a checkpoint every this many optimizer steps instead of CHECKPOINT_FREQUENCY epochs."""
     num_checkpoint_keep: int = 3
     """How many of the newest checkpoints to keep (checkpoints/best.ckpt is kept apart)."""
+    save_top_k: int = 1
+    """Keep the K best checkpoints by --monitor, as checkpoints/top-step-<step>-<metric>=<value>.ckpt beside
+    best.ckpt (the best of them). 1: best.ckpt alone."""
     monitor: str = "val_loss"
     """Validation metric that picks checkpoints/best.ckpt and drives early stopping: val_<name> for any metric of
     make_metrics in train.py (val_loss, val_acc, ...)."""
@@ -174,6 +177,7 @@ class Config:
             ("num_workers", self.num_workers is None or self.num_workers >= 0, "at least 0"),
             ("collective_timeout", self.collective_timeout > 0, "more than 0 minutes"),
             ("num_checkpoint_keep", self.num_checkpoint_keep >= 1, "at least 1"),
+            ("save_top_k", self.save_top_k >= 1, "at least 1"),
             ("lr_schedule", self.lr_schedule in SCHEDULES, f"one of {', '.join(SCHEDULES)}"),
             ("warmup_steps", self.warmup_steps >= 0, "at least 0"),
             ("warmup_steps", not self.max_steps or self.max_steps < 1 or self.warmup_steps < self.max_steps,

@@ -40,11 +40,13 @@ from utils.checkpoint import (
     CheckpointError,
     checkpoint_name,
     finish_saves,
+    remove_top_k,
     save_checkpoint,
+    top_k_name,
 )
 from utils.console import print0, progress_bar
 from utils.datasets import load_datasets, make_loaders
-from utils.early_stopping import follow_validation, monitor_direction
+from utils.early_stopping import follow_top_k, follow_validation, monitor_direction
 from utils.ema import EMA
 from utils.exits import exit_run, fail, on_rank_zero, peer_failures_reported
 from utils.launching import launch, make_fabric, shorten_collective_timeout
@@ -173,7 +175,7 @@ def main(cfg: Config) -> None:
     state = {"model": model, "optimizer": optimizer, "global_step": 0, "epoch": 0, "config": {},
              "world_size": fabric.world_size, "log_loss_sum": 0.0, "log_loss_steps": 0, "finished": False,
              "log_extra_sums": {}, "best_value": None, "best_step": None, "stop_reference": None,
-             "bad_validations": 0}
+             "bad_validations": 0, "top_k": []}
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the loss scale must survive too
     if scaler is not None:
         state["scaler"] = scaler
@@ -209,6 +211,7 @@ def main(cfg: Config) -> None:
     log_extra_sums = state["log_extra_sums"]  # {name: sum over the window} of training_step's other values
     best_value, stop_reference, bad_validations = state["best_value"], state["stop_reference"], \
         state["bad_validations"]  # best.ckpt, and early stopping's reference (utils/early_stopping.py)
+    top_k = state["top_k"]  # the --save_top_k best [step, value] pairs
     window_start, window_steps = time.perf_counter(), 0  # throughput: training time of this process only
     unsynced_steps = []  # this rank's loss (and other values) of each step since the last log, validation or checkpoint
     stop_early = False
@@ -281,7 +284,7 @@ def main(cfg: Config) -> None:
             paused = time.perf_counter()  # validation and checkpoints do not count as training time
 
             # validate, and follow the best value
-            improved = False
+            improved = ranked_in = False
             if validate:
                 with ema.swapped_in() if ema else contextlib.nullcontext():  # the average, where there is one
                     val = evaluate(fabric, model, val_loader, cfg)  # all ranks: every rank gets the same values
@@ -295,9 +298,11 @@ def main(cfg: Config) -> None:
                                                                    for name in val_scalars))
                 if best_value is None:  # the run's first validation: TensorBoard's table gets its scalar metrics
                     log_hparams_table(fabric.loggers, hyperparams, val_scalars)
+                value = val[cfg.monitor.removeprefix("val_")]
                 improved, best_value, stop_reference, bad_validations = follow_validation(
-                    val[cfg.monitor.removeprefix("val_")], better, best_value, stop_reference, bad_validations,
-                    cfg.early_stop_min_delta)
+                    value, better, best_value, stop_reference, bad_validations, cfg.early_stop_min_delta)
+                top_k, dropped = follow_top_k(top_k, global_step, value, better, cfg.save_top_k)
+                ranked_in = [global_step, value] in top_k
                 stop_early = cfg.early_stop_patience > 0 and bad_validations >= cfg.early_stop_patience
                 if stop_early:
                     metrics["stopped_early"] = 1
@@ -306,16 +311,20 @@ def main(cfg: Config) -> None:
 
             # checkpoints: periodic, at the end, when stopping, and best.ckpt on each improvement (all ranks)
             due = periodic or last_step or stop_early or stop_votes
-            if due or improved:
+            if due or improved or ranked_in:
                 state.update(global_step=global_step, epoch=global_step // steps_per_epoch, rng=gather_rng(fabric),
                              config=settings, world_size=fabric.world_size, log_loss_sum=log_loss_sum,
                              log_loss_steps=log_loss_steps, log_extra_sums=log_extra_sums,
                              finished=last_step or stop_early, best_value=best_value,
                              best_step=global_step if improved else state["best_step"],
-                             stop_reference=stop_reference, bad_validations=bad_validations)
+                             stop_reference=stop_reference, bad_validations=bad_validations, top_k=top_k)
                 try:  # each save copies the state and returns; the file is written and fsynced in the background
                     if improved:
                         save_checkpoint(fabric, ckpt_dir, BEST, state)
+                    if ranked_in:  # one of the k best: those it pushed out go
+                        save_checkpoint(fabric, ckpt_dir, top_k_name(global_step, cfg.monitor, value), state)
+                        if fabric.is_global_zero:
+                            remove_top_k(ckpt_dir, dropped, cfg.monitor)
                     if due:
                         path = save_checkpoint(fabric, ckpt_dir, checkpoint_name(state["epoch"], global_step), state,
                                                keep=cfg.num_checkpoint_keep, protect=resumed_from)

@@ -10,6 +10,7 @@ from conftest import assert_one_error_line, checkpoints, load, max_weight_diff, 
 from test_resume import identical
 
 from config import parse_config
+from utils.checkpoint import top_k_name
 from utils.early_stopping import follow_validation
 from utils.lr_schedule import lr_at
 
@@ -277,3 +278,39 @@ def test_activation_checkpointing_trains_as_without_under_fsdp2(tmp_path):
     assert a["global_step"] == b["global_step"] == 3
     shards = [sorted((tmp_path / name).glob("*/checkpoints/epoch-*/*.distcp")) for name in ("plain", "recomputed")]
     assert [p.read_bytes() for p in shards[0]] == [p.read_bytes() for p in shards[1]] != []
+
+
+@pytest.mark.slow
+def test_the_k_best_checkpoints_survive_retention_a_resume_and_a_branch(tmp_path):
+    """--save_top_k 2 with --num_checkpoint_keep 1: the two best validations' checkpoints, named by step and value,
+    outlive retention; a run stopped in epoch 3 and resumed keeps the same two as a run never stopped; a branch from
+    the older of them moves the newer aside and ends with the two best of its own history."""
+    args = ["--epochs", "4", "--save_top_k", "2", "--num_checkpoint_keep", "1", "--lr_schedule", "constant"]
+
+    def tops(run):
+        return sorted(p.name for p in (run / "checkpoints").glob("top-step-*"))
+
+    def best_two(run):
+        losses = {int(r["step"]): float(r["val_loss"]) for r in rows(run) if r["val_loss"]}
+        return sorted(top_k_name(step, "val_loss", losses[step]) for step in sorted(losses, key=losses.get)[:2])
+
+    train(tmp_path / "straight", *args)
+    straight = only_run(tmp_path / "straight")
+    assert tops(straight) == best_two(straight) and len(checkpoints(straight)) == 1
+    best = load(straight / "checkpoints" / "best.ckpt")
+    assert best["best_value"] == min(float(r["val_loss"]) for r in rows(straight) if r["val_loss"])
+    assert [load(straight / "checkpoints" / name)["global_step"] for name in tops(straight)] == \
+        [int(name.split("-")[2]) for name in tops(straight)]
+
+    train(tmp_path / "resumed", *args, driver=True, env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": str(2 * EPOCH + 2)},
+          check_rc=143)
+    resumed = only_run(tmp_path / "resumed")
+    train(tmp_path / "resumed", *args, "--resume", resumed)
+    assert tops(resumed) == tops(straight)
+
+    older, newer = tops(straight)
+    train(tmp_path / "straight", *args, "--epochs", "5", "--resume", straight / "checkpoints" / older)
+    (aside,) = (straight / "checkpoints").glob("abandoned-*")
+    assert newer in [p.name for p in aside.iterdir()]
+    assert tops(straight) == best_two(straight) and load(straight / "checkpoints" / "best.ckpt")["global_step"] > \
+        int(older.split("-")[2])

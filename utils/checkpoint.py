@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 NAME = re.compile(r"epoch-(\d+)-step-(\d+)\.ckpt")
+TOP = re.compile(r"top-step-(\d+)-.*\.ckpt")  # one of the --save_top_k best; retention does not count them
 COMPILED = "_orig_mod."  # in the names of modules compiled one by one (fsdp2); checkpoints hold names without it
 BEST = "best.ckpt"  # the best validation so far; retention and picking a checkpoint to resume from ignore it
 SHARDED = (ModelParallelStrategy,)  # fsdp2: a checkpoint is a folder of shards
@@ -42,6 +43,10 @@ class CheckpointError(RuntimeError):
 
 def checkpoint_name(epoch: int, global_step: int) -> str:
     return f"epoch-{epoch:04d}-step-{global_step:08d}.ckpt"
+
+
+def top_k_name(global_step: int, monitor: str, value: float) -> str:
+    return f"top-step-{global_step:08d}-{monitor}={value!r}.ckpt"  # repr: the value exactly
 
 
 def is_checkpoint_file(path: Path) -> bool:
@@ -262,6 +267,14 @@ def prune_checkpoints(ckpt_dir: Path, keep: int, protect: Path | None = None) ->
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def remove_top_k(ckpt_dir: Path, dropped: list, monitor: str) -> None:
+    """Deletes the top-k checkpoints of the [step, value] pairs that dropped out of the k best (gone already: fine,
+    a branch may have restored a list that names one deleted later on the old branch)."""
+    for step, value in dropped:
+        path = ckpt_dir / top_k_name(step, monitor, value)
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def remove_leftovers(ckpt_dir: Path) -> None:
     """Removes temporary files of saves that were killed midway (only the run's own writer may call this)."""
     for tmp in ckpt_dir.glob(".*.tmp"):
@@ -454,10 +467,11 @@ def model_mismatch(saved: dict, model_state: dict) -> str | None:
 
 
 def move_newer_aside(ckpt_dir: Path, resumed_from: Path) -> Path | None:
-    """Resuming from an earlier checkpoint starts a branch: the checkpoints after it, best.ckpt included, move (not
-    deleted) to checkpoints/abandoned-<stamp>/. Returns that folder, or None if there were none."""
+    """Resuming from an earlier checkpoint starts a branch: the checkpoints after it, best.ckpt and the top-k ones
+    included, move (not deleted) to checkpoints/abandoned-<stamp>/. Returns that folder, or None if there were none."""
     step = open_checkpoint(resumed_from)["global_step"]
     newer = [p for p in list_checkpoints(ckpt_dir) if int(NAME.fullmatch(p.name).group(2)) > step]
+    newer += [p for p in ckpt_dir.glob("top-step-*") if TOP.fullmatch(p.name) and int(TOP.fullmatch(p.name)[1]) > step]
     best = ckpt_dir / BEST
     if best.exists() and open_checkpoint(best)["global_step"] > step:
         newer.append(best)

@@ -24,6 +24,15 @@ def follow_validation(value: float, better: str, best: float | None, reference: 
     return improved, value if improved else best, reference, bad_validations
 
 
+def follow_top_k(top: list, step: int, value: float, better: str, k: int) -> tuple[list, list]:
+    """The k best [step, value] pairs after a validation, best first (of equal values the earlier), and those that
+    dropped out of them. With k = 1 the list stays empty: best.ckpt alone is kept."""
+    if k == 1 or not math.isfinite(value):
+        return top, []
+    ranked = sorted([*top, [step, value]], key=lambda pair: (pair[1] if better == "min" else -pair[1], pair[0]))
+    return ranked[:k], ranked[k:]
+
+
 def monitor_direction(cfg, metrics) -> str:
     """min or max: which way cfg.monitor improves, from its metric's higher_is_better unless --monitor_mode says. A
     monitor that names no metric of make_metrics, a metric that does not say without --monitor_mode, and a mode

@@ -21,7 +21,8 @@ from utils.run_dir import run_record
 
 # state entries newer than some checkpoints, and their value for such a checkpoint, from the state it restored
 ADDED_LATER = {"stop_reference": lambda state: state["best_value"],  # early stopping's reference was the best value
-               "log_extra_sums": lambda state: {}}  # training_step returned its loss alone
+               "log_extra_sums": lambda state: {},  # training_step returned its loss alone
+               "top_k": lambda state: []}  # best.ckpt was the only best checkpoint
 # state entries a checkpoint may lack, that start fresh
 FRESH_IF_ABSENT = {"scaler": "the loss scale of 16-mixed starts fresh (the run trained at another precision)",
                    "ema": "the moving average of the weights (--ema_decay) starts from the resumed weights"}

@@ -14,6 +14,7 @@ from pathlib import Path
 from lightning.fabric import Fabric
 
 from utils.checkpoint import (
+    TOP,
     CheckpointError,
     choose_checkpoint,
     is_checkpoint_file,
@@ -177,7 +178,7 @@ def find_resume_target(resume: str | None, root_dir: str, out_dir: str) -> tuple
     if resume == "auto":
         return _auto_target(root_dir, out_dir), None
     path = Path(resume)
-    if is_checkpoint_file(path) and (path.parent.parent / CONFIG).is_file():
+    if (is_checkpoint_file(path) or TOP.fullmatch(path.name)) and (path.parent.parent / CONFIG).is_file():
         if not path.is_file() and not path.is_dir():
             raise ValueError(f"resume={resume!r}: no such checkpoint in {path.parent}")
         return path.parent.parent, path
