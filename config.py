@@ -45,7 +45,7 @@ class Config:
     """Number of nodes (machines)."""
     strategy: str = "auto"
     """Distribution strategy: auto, ddp, ddp_find_unused_parameters_true, or fsdp2 (sharded: model.shard_model).
-    FSDP1 (fsdp) is not offered: fsdp2 covers it, and FSDP1's flat parameters hide which are matrices."""
+    FSDP1 (fsdp) and DeepSpeed are not offered: fsdp2 covers both (see the README's Launching section)."""
     precision: str | None = None
     """Numeric precision: 32-true, 16-mixed, bf16-mixed, 64-true, ... Unset means Fabric's default (32-true)."""
 
@@ -159,7 +159,7 @@ class Config:
         checks = [
             ("accelerator", self.accelerator in ACCELERATORS, f"one of {', '.join(ACCELERATORS)}"),
             ("strategy", self.strategy in STRATEGIES, f"one of {', '.join(STRATEGIES)} (the strategies this "
-                                                      "template runs; fsdp2 replaces FSDP1)"),
+                                                      "template runs; fsdp2 covers FSDP1 and DeepSpeed's ZeRO)"),
             ("precision", self.precision is None or self.precision in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
             ("devices", _valid_devices(self.devices), "'auto', -1, a positive number or a list like '0,1'"),
             ("num_nodes", self.num_nodes >= 1, "at least 1"),

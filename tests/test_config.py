@@ -93,7 +93,8 @@ BAD_FLAGS = [
     (["--dataset", "imagenet"], "'imagenet'"),
     (["--n_layer"], "--n_layer needs a value"),
     (["--strategy", "fsdp"], "strategy='fsdp' is invalid: expected one of auto, ddp, ddp_find_unused_parameters_true, "
-                             "fsdp2 (the strategies this template runs; fsdp2 replaces FSDP1)"),
+                             "fsdp2 (the strategies this template runs; fsdp2 covers FSDP1 and DeepSpeed's ZeRO)"),
+    (["--strategy", "deepspeed_stage_3"], "strategy='deepspeed_stage_3' is invalid: expected one of auto, ddp, "),
 ]
 
 
