@@ -309,7 +309,7 @@ def main(cfg: Config) -> None:
             if metrics:
                 fabric.log_dict(metrics, step=global_step)
 
-            # checkpoints: periodic, at the end, when stopping, and best.ckpt on each improvement (all ranks)
+            # checkpoints: periodic, at the end, when stopping, best.ckpt on each improvement, the k best (all ranks)
             due = periodic or last_step or stop_early or stop_votes
             if due or improved or ranked_in:
                 state.update(global_step=global_step, epoch=global_step // steps_per_epoch, rng=gather_rng(fabric),
