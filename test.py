@@ -17,19 +17,16 @@ import argparse
 import json
 from pathlib import Path
 
-from torch.utils.data import DataLoader
-
 from config import load_run_config
 from model import make_model
 from train import evaluate
 from utils.checkpoint import checkpoint_step, holds_average, write_text_atomically
 from utils.console import print0
-from utils.datasets import load_datasets, loader_settings
+from utils.datasets import evaluation_loader, load_datasets
 from utils.exits import exit_run, fail
 from utils.launching import launch, make_fabric
 from utils.report import write_report
 from utils.run_dir import cannot_write, load_weights_for_reading
-from utils.samplers import ShardSampler
 
 
 def main() -> None:
@@ -55,10 +52,8 @@ def main() -> None:
     launch(fabric)
     _, _, test_set = load_datasets(fabric, cfg)
     batch_size = min(filter(None, (derived.get("micro_batch_size"), cfg.micro_batch_size, cfg.eff_batch_size)))
-    settings = loader_settings(fabric.device, fabric.world_size // cfg.num_nodes, cfg.num_workers)
-    loader = DataLoader(test_set, batch_size=batch_size, **settings,
-                        sampler=ShardSampler(len(test_set), fabric.world_size, fabric.global_rank))
-    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+    loader = fabric.setup_dataloaders(evaluation_loader(fabric, cfg, test_set, batch_size),
+                                      use_distributed_sampler=False)
 
     # -- model: the checkpoint named, or the newest that opens; nothing in the run is moved or deleted (all ranks) -
     model = make_model(cfg)

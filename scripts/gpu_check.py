@@ -45,16 +45,19 @@ def child(out: Path, argv: list[str]) -> None:
 
     steps, syncs = [0], [0]
 
-    def probe(*_) -> None:  # after every step and at exit: under DDP rank 0 leaves without exit handlers
+    def probe() -> None:  # at exit, once: no file written in the steps it measures
         memory = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_initialized() else None
         counted = syncs[0] if torch.cuda.is_available() else None  # the sync debug mode exists on CUDA only
         (out / "probe.json").write_text(json.dumps({"steps": steps[0], "syncs": counted, "peak_gib": memory}))
 
-    def stepped(*_) -> None:
-        steps[0] += 1
-        probe()
+    register_optimizer_step_post_hook(lambda *_: steps.__setitem__(0, steps[0] + 1))
+    leave = os._exit
 
-    register_optimizer_step_post_hook(stepped)
+    def probed_exit(status: int) -> None:  # under DDP train.py leaves through os._exit, past the exit handlers
+        probe()
+        leave(status)
+
+    os._exit = probed_exit
     if torch.cuda.is_available():
         torch.cuda.set_sync_debug_mode("warn")
         warnings.simplefilter("always")

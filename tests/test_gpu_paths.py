@@ -15,7 +15,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision
 
 from config import parse_config
-from utils.datasets import loader_settings
+from utils.datasets import worker_settings
 from utils.launching import matmul_precision
 from utils.model_setup import clip_gradients
 from utils.rng import rng_devices
@@ -140,7 +140,7 @@ def test_fsdp2_gathers_weights_in_the_autocast_dtype():
 
 def test_loader_settings_follow_the_device():
     def settings(device, processes=1, num_workers=None):
-        return loader_settings(torch.device(device), processes, num_workers)
+        return worker_settings(torch.device(device), processes, num_workers)
 
     cores = len(os.sched_getaffinity(0))
     assert settings("cpu") == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}

@@ -471,7 +471,7 @@ def move_newer_aside(ckpt_dir: Path, resumed_from: Path) -> Path | None:
     included, move (not deleted) to checkpoints/abandoned-<stamp>/. Returns that folder, or None if there were none."""
     step = open_checkpoint(resumed_from)["global_step"]
     newer = [p for p in list_checkpoints(ckpt_dir) if int(NAME.fullmatch(p.name).group(2)) > step]
-    newer += [p for p in ckpt_dir.glob("top-step-*") if TOP.fullmatch(p.name) and int(TOP.fullmatch(p.name)[1]) > step]
+    newer += [p for p in ckpt_dir.glob("top-step-*") if (top := TOP.fullmatch(p.name)) and int(top[1]) > step]
     best = ckpt_dir / BEST
     if best.exists() and open_checkpoint(best)["global_step"] > step:
         newer.append(best)

@@ -31,20 +31,28 @@ def load_datasets(fabric: Fabric, cfg) -> tuple[Dataset, Dataset, Dataset]:
 def make_loaders(fabric: Fabric, cfg, train_set: Dataset, val_set: Dataset, sampler: ResumableShuffleSampler,
                  micro_batch: int) -> tuple[DataLoader, DataLoader]:
     """The training loader (this rank's share of each step, from `sampler`) and the validation loader."""
-    settings = loader_settings(fabric.device, fabric.world_size // cfg.num_nodes, cfg.num_workers)
     # the loader's own generator keeps iterator creation from drawing on the global RNG (exact resume)
-    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, **settings,
+    train_loader = DataLoader(train_set, batch_size=micro_batch, sampler=sampler, **loader_settings(fabric, cfg),
                               generator=torch.Generator().manual_seed(cfg.seed))
     # validation forwards at most the training micro-batch: a run sized to fit memory in training fits here too
-    val_loader = DataLoader(val_set, batch_size=micro_batch, **settings,
-                            sampler=ShardSampler(len(val_set), fabric.world_size, fabric.global_rank))
+    val_loader = evaluation_loader(fabric, cfg, val_set, micro_batch)
     return fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
 
 
-def loader_settings(device: torch.device, processes_per_node: int, num_workers: int | None) -> dict:
-    """DataLoader settings for this machine: num_workers as given, else up to 4 per process on CUDA (as many as its
-    share of the node's cores allows, one kept for the process itself) and none on a CPU; pinned memory on CUDA,
-    so that copies to the device need not wait; workers kept from one epoch to the next."""
+def evaluation_loader(fabric: Fabric, cfg, dataset: Dataset, batch_size: int) -> DataLoader:
+    """Each sample on exactly one rank, once (validation in train.py, the test split in test.py)."""
+    return DataLoader(dataset, batch_size=batch_size, **loader_settings(fabric, cfg),
+                      sampler=ShardSampler(len(dataset), fabric.world_size, fabric.global_rank))
+
+
+def loader_settings(fabric: Fabric, cfg) -> dict:
+    """DataLoader settings for this machine: --num_workers as given, else up to 4 per process on CUDA (as many as
+    its share of the node's cores allows, one kept for the process itself) and none on a CPU; pinned memory on
+    CUDA, so that copies to the device need not wait; workers kept from one epoch to the next."""
+    return worker_settings(fabric.device, fabric.world_size // cfg.num_nodes, cfg.num_workers)
+
+
+def worker_settings(device: torch.device, processes_per_node: int, num_workers: int | None) -> dict:
     cuda = device.type == "cuda"
     if num_workers is None:
         per_process = len(os.sched_getaffinity(0)) // max(1, processes_per_node)

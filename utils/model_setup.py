@@ -42,6 +42,7 @@ def setup_model(fabric: Fabric, cfg, lr: float, train_set: Dataset, micro_batch:
     optimizer = fabric.setup_optimizers(optimizer)
     if cfg.compile and cfg.compile_check:  # a compiler bug must not train silently (all ranks)
         first_batch = fabric.to_device(default_collate([train_set[i] for i in range(micro_batch)]))
+        first_batch = fabric.strategy.precision.convert_input(first_batch)  # as Fabric's forward does (64-true)
         check_compiled_model(fabric, model, first_batch, step_loss, cfg.seed, cfg.precision)
     return model, optimizer, param_groups
 
