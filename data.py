@@ -1,16 +1,23 @@
 """The data: edit make_datasets to train on your own. Its settings (DataConfig) are flags like any other.
 
-Two datasets, nothing downloaded:
+Three datasets, nothing downloaded:
 - digits (default): the 1,797 handwritten 8x8 digits that ship inside scikit-learn; a sample is (image, label).
 - shakespeare_char: Tiny Shakespeare (shipped in assets/), one token per character; a sample is a window of
   block_size characters and the same window shifted by one as targets. Training windows start anywhere in the
   first 90%, as in nanoGPT; the last 10% is split in half (validation, test), each cut into consecutive windows
   that score every character exactly once.
+- shakespeare_speeches: the same text cut at its blank lines into speeches (about 7,200), tokenized by the Hugging
+  Face model's own tokenizer (model.hf_path); a sample is one speech between two end-of-text tokens, padded to
+  block_size + 1 tokens (a longer one is cut into several). Speeches starting in the first 90% train, the rest split
+  in half as above; every token of a split is scored exactly once. Samples differ in length: the loss of a step
+  weighs each scored token once (train.py's loss_weight).
 """
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -28,8 +35,9 @@ IGNORE_INDEX = -100  # a target that is not scored (the padded end of the last w
 class DataConfig:
     """The data's settings (data.py); in a YAML file under `data:`."""
 
-    dataset: Literal["digits", "shakespeare_char"] = "digits"
-    """Dataset: digits (8x8 images, 10 classes) or shakespeare_char (characters of Tiny Shakespeare)."""
+    dataset: Literal["digits", "shakespeare_char", "shakespeare_speeches"] = "digits"
+    """Dataset: digits (8x8 images, 10 classes), shakespeare_char (characters of Tiny Shakespeare) or
+    shakespeare_speeches (its speeches in the tokens of the Hugging Face model's tokenizer: --hf_path)."""
 
 
 class DataError(Exception):
@@ -40,6 +48,8 @@ def make_datasets(cfg) -> tuple[Dataset, Dataset, Dataset]:
     """(train, val, test) for cfg.data.dataset; the splits do not depend on cfg.seed."""
     if cfg.data.dataset == "shakespeare_char":
         return char_datasets(SHAKESPEARE, cfg.model.block_size)
+    if cfg.data.dataset == "shakespeare_speeches":
+        return speech_datasets(_read_text(SHAKESPEARE), hf_tokenizer(cfg.model.hf_path), cfg.model.block_size)
     digits = _load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
     labels = torch.tensor(digits.target, dtype=torch.long)
@@ -51,17 +61,47 @@ def make_datasets(cfg) -> tuple[Dataset, Dataset, Dataset]:
 def tokens_per_sample(cfg) -> int | None:
     """How many tokens one sample holds, for the tokens_per_sec the loop logs; None where samples are no token
     sequences."""
-    return cfg.model.block_size if cfg.data.dataset == "shakespeare_char" else None
+    return cfg.model.block_size if cfg.data.dataset != "digits" else None
 
 
 def num_classes(cfg) -> int:
-    """What the model predicts among: 10 digits, or the characters of the text."""
+    """What the model predicts among: 10 digits, or the characters of the text (the Hugging Face model brings its
+    own vocabulary)."""
     return len(vocabulary(cfg)) if cfg.data.dataset == "shakespeare_char" else DIGIT_CLASSES
 
 
 def vocabulary(cfg) -> str | None:
     """The characters of a text dataset in token order (token i is vocabulary[i]); None for digits."""
     return "".join(sorted(set(_read_text(SHAKESPEARE)))) if cfg.data.dataset == "shakespeare_char" else None
+
+
+def text_codec(cfg) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]] | None:
+    """(encode, decode) between text and the tokens of a text dataset (sample.py); None for digits. encode raises
+    DataError on text the vocabulary cannot write."""
+    if cfg.data.dataset == "shakespeare_speeches":
+        tokenizer = hf_tokenizer(cfg.model.hf_path)
+        return (lambda text: tokenizer(text)["input_ids"]), tokenizer.decode
+    chars = vocabulary(cfg)
+    if chars is None:
+        return None
+
+    def encode(text: str) -> list[int]:
+        if unknown := sorted(set(text) - set(chars)):
+            raise DataError(f"{unknown[0]!r} is not in the run's vocabulary")
+        return [chars.index(char) for char in text]
+
+    return encode, lambda tokens: "".join(chars[i] for i in tokens)
+
+
+@cache
+def hf_tokenizer(path_or_name: str):
+    """The Hugging Face model's own tokenizer (AutoTokenizer), from its folder or hub name."""
+    from transformers import AutoTokenizer  # imported only for this dataset: it is slow
+
+    try:
+        return AutoTokenizer.from_pretrained(path_or_name)
+    except OSError as err:
+        raise DataError(f"hf_path={path_or_name!r}: no tokenizer there ({str(err).splitlines()[0]})") from None
 
 
 def _load_digits():
@@ -147,4 +187,40 @@ class ScoredWindows(Dataset):
         targets = torch.full((self.block_size,), IGNORE_INDEX, dtype=torch.int64)
         inputs[:length] = torch.from_numpy(self.tokens[first - 1 : first - 1 + length].astype(np.int64))
         targets[:length] = torch.from_numpy(self.tokens[first : first + length].astype(np.int64))
+        return inputs, targets
+
+
+def speech_datasets(text: str, tokenizer, block_size: int) -> tuple[Dataset, Dataset, Dataset]:
+    """The speeches (blank-line separated) of `text`, tokenized, in three splits by where each speech starts."""
+    end = tokenizer.eos_token_id
+    if end is None:
+        raise DataError(f"the tokenizer of {tokenizer.name_or_path!r} has no end-of-text token to mark speeches with")
+    speeches = text.split("\n\n")
+    starts = np.cumsum([0] + [len(speech) + 2 for speech in speeches[:-1]])
+    train_end = int(0.9 * len(text))
+    val_end = train_end + (len(text) - train_end) // 2
+    tokens = [[end, *ids, end] for ids in tokenizer(speeches)["input_ids"]]
+    splits = [[ids for ids, start in zip(tokens, starts, strict=True) if low <= start < high]
+              for low, high in ((0, train_end), (train_end, val_end), (val_end, len(text)))]
+    return tuple(PaddedSequences(split, block_size, pad=end) for split in splits)
+
+
+class PaddedSequences(Dataset):
+    """Token sequences as (inputs, targets) of block_size tokens: the sequence and the same shifted by one, padded at
+    the end (padded targets are IGNORE_INDEX; causal attention keeps the padding from the scored positions). A longer
+    sequence is cut into pieces that score each of its tokens once; a piece's inputs start with the token before."""
+
+    def __init__(self, sequences: list[list[int]], block_size: int, pad: int):
+        self.block_size, self.pad = block_size, pad
+        self.pieces = [ids[start : start + block_size + 1] for ids in sequences
+                       for start in range(0, len(ids) - 1, block_size)]
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        piece = torch.tensor(self.pieces[i], dtype=torch.int64)
+        inputs = torch.full((self.block_size,), self.pad, dtype=torch.int64)
+        targets = torch.full((self.block_size,), IGNORE_INDEX, dtype=torch.int64)
+        inputs[: len(piece) - 1], targets[: len(piece) - 1] = piece[:-1], piece[1:]
         return inputs, targets

@@ -1,28 +1,33 @@
 """The model: edit make_model to train your own. It returns logits: (batch, classes) or (batch, time, vocabulary).
 
-Two models, chosen by --arch: a small CNN for the digits (default), and a GPT for character-level text.
+Three models, chosen by --arch: a small CNN for the digits (default), a GPT for character-level text, and a Hugging
+Face causal language model (--hf_path: a folder or hub name) fine-tuned whole or with LoRA adapters (--lora_r).
 """
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from simple_parsing.helpers import list_field
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from data import num_classes
 from utils.console import print0
+from utils.exits import fail
+from utils.frozen import leave_frozen_out_of_checkpoints
 
 
 @dataclass
 class ModelConfig:
     """The model's settings (model.py); in a YAML file under `model:`."""
 
-    arch: Literal["cnn", "gpt"] = "cnn"
-    """Model: cnn (for digits) or gpt (a decoder-only transformer, for text)."""
+    arch: Literal["cnn", "gpt", "hf"] = "cnn"
+    """Model: cnn (for digits), gpt (a decoder-only transformer, for text) or hf (a Hugging Face causal LM)."""
     n_layer: int = 4
     """GPT: transformer blocks."""
     n_head: int = 4
@@ -30,14 +35,31 @@ class ModelConfig:
     n_embd: int = 128
     """GPT: width of the residual stream."""
     block_size: int = 64
-    """GPT: context length in tokens (the length of a training window)."""
+    """GPT and hf: context length in tokens (the length of a training sample)."""
     bias: bool = False
     """GPT: biases in the linear layers and LayerNorms."""
+    hf_path: str = ""
+    """hf: the model to fine-tune, a folder that save_pretrained wrote or a hub name (AutoModelForCausalLM), with
+    its tokenizer. Its own config sets its dropout."""
+    lora_r: int = 0
+    """hf: rank of the LoRA adapters (peft). Only they train; the base's weights stay frozen and out of the
+    checkpoints. 0: full fine-tuning."""
+    lora_alpha: float = 16.0
+    """hf: LoRA's scale, alpha / r times the adapters' output."""
+    lora_dropout: float = 0.0
+    """hf: dropout on the adapters' input."""
+    lora_targets: list[str] = list_field()
+    """hf: names of the modules that get adapters (c_attn, or q_proj v_proj, ...). Empty: peft's choice for the
+    architecture."""
 
     def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "block_size"):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "lora_alpha"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid: expected positive")
+        if self.lora_r < 0:
+            raise ValueError(f"lora_r={self.lora_r!r} is invalid: expected at least 0 (0 is full fine-tuning)")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} is invalid: expected in [0, 1)")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is invalid: expected a multiple of n_head={self.n_head}")
 
@@ -45,14 +67,18 @@ class ModelConfig:
 def check_settings(cfg) -> None:
     """Checks of settings that span groups, run on every parse: raise ValueError naming the field and value. Here:
     the model that fits the data (edit it with your own data and models)."""
-    fitting_arch = "gpt" if cfg.data.dataset == "shakespeare_char" else "cnn"
+    fitting_arch = {"shakespeare_char": "gpt", "shakespeare_speeches": "hf"}.get(cfg.data.dataset, "cnn")
     if cfg.model.arch != fitting_arch:
         raise ValueError(f"arch={cfg.model.arch!r} is invalid: expected {fitting_arch} for "
                          f"dataset={cfg.data.dataset!r}")
+    if cfg.model.arch == "hf" and not cfg.model.hf_path:
+        raise ValueError("hf_path='' is invalid: expected a model folder or a hub name for arch='hf'")
 
 
 def make_model(cfg) -> nn.Module:
     """The model that cfg.model.arch names, sized for cfg.data's dataset, with dropout cfg.dropout."""
+    if cfg.model.arch == "hf":
+        return CausalLM(cfg.model)
     if cfg.model.arch == "gpt":
         return GPT(cfg.model, num_classes(cfg), cfg.dropout)
     return nn.Sequential(
@@ -68,10 +94,12 @@ def make_model(cfg) -> nn.Module:
 def sharding_units(model: nn.Module) -> list[nn.Module]:
     """The FSDP units of --strategy fsdp2. Each unit's weights are gathered just before its forward and backward and
     freed after, so a unit is the most memory a rank holds unsharded at once: for the GPT each transformer block, for
-    a Sequential each layer with weights. Any other model is one unit, the root (name its blocks here to save
-    memory)."""
+    a Sequential each layer with weights, for a Hugging Face model the blocks it names as not to be split. Any other
+    model is one unit, the root (name its blocks here to save memory)."""
     if isinstance(model, GPT):
         return list(model.blocks)
+    if isinstance(model, CausalLM):
+        return model.blocks()
     if isinstance(model, nn.Sequential):
         return [module for module in model if next(module.parameters(), None) is not None]
     print0(f"fsdp2: {type(model).__name__} is sharded as one unit, the root (name its blocks in model.sharding_units "
@@ -82,11 +110,11 @@ def sharding_units(model: nn.Module) -> list[nn.Module]:
 def compile_units(model: nn.Module) -> None:
     """--compile under fsdp2: each unit compiled in its place, before sharding (torch.compile skips the forward of an
     FSDP2 module, so a sharded model cannot be compiled whole)."""
-    parent = model.blocks if isinstance(model, GPT) else model
     units = sharding_units(model)
-    for index, module in enumerate(parent if units else []):
-        if any(module is unit for unit in units):
-            parent[index] = torch.compile(module)
+    for parent in [model] + [module for module in model.modules() if units and module is not model]:
+        for name, child in parent.named_children():
+            if any(child is unit for unit in units):
+                setattr(parent, name, torch.compile(child))
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> nn.Module:
@@ -159,3 +187,44 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(self.final_norm(x))
+
+
+class CausalLM(nn.Module):
+    """A Hugging Face causal LM (from_pretrained, in float32: Fabric applies the run's precision), optionally with
+    LoRA adapters (peft) of which only the adapters train. Its forward returns the logits, as the GPT's does."""
+
+    def __init__(self, s: ModelConfig):
+        super().__init__()
+        self.base_path = s.hf_path  # readers of a run check that it holds the base the run recorded
+        from transformers import AutoModelForCausalLM  # imported only for this model: it is slow
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # of loading the weights: one line per process and run
+        try:
+            self.lm = AutoModelForCausalLM.from_pretrained(s.hf_path, dtype=torch.float32)
+        except OSError as err:
+            fail(f"hf_path={s.hf_path!r}: no model there ({str(err).splitlines()[0]})")
+        context = getattr(self.lm.config, "max_position_embeddings", None)
+        if context is not None and s.block_size > context:
+            fail(f"block_size={s.block_size} is invalid: expected at most the {context} positions of {s.hf_path}")
+        if s.lora_r:
+            from peft import LoraConfig, get_peft_model
+
+            adapters = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+                                  target_modules=s.lora_targets or None, task_type="CAUSAL_LM")
+            try:
+                with warnings.catch_warnings():  # peft's notes on GPT-2's Conv1D layers, which it handles
+                    warnings.simplefilter("ignore", UserWarning)
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self.lm = get_peft_model(self.lm, adapters)  # freezes the base, adds trainable adapters
+            except ValueError as err:
+                fail(f"lora_targets={s.lora_targets!r} is invalid: {str(err).splitlines()[0]}")
+            leave_frozen_out_of_checkpoints(self)  # make_model loads the base again: checkpoints hold the adapters
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=tokens, use_cache=False).logits
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer blocks: the modules of the classes the model names as not to be split."""
+        names = set(getattr(self.lm, "_no_split_modules", None) or [])
+        return [module for module in self.lm.modules() if type(module).__name__ in names]

@@ -1,7 +1,8 @@
 r"""Train a model with an explicit loop on lightning.fabric. Read it top to bottom; edit it freely.
 
 Fabric places devices, starts processes and handles precision; everything else is in this file. Your task is in
-training_step, make_metrics and validation_step just below, make_datasets (data.py) and make_model (model.py).
+training_step, loss_weight, make_metrics and validation_step just below, make_datasets (data.py) and make_model
+(model.py).
 
     python train.py                                          # whatever hardware is here
     python train.py --accelerator cpu --devices 2            # DDP over 2 CPU processes (gloo)
@@ -33,7 +34,7 @@ from torchmetrics import MetricCollection
 from config import Config, load_config, settings_record
 from data import IGNORE_INDEX, num_classes
 from model import make_model
-from utils.batching import plan_batches, planned_world_size, scaled_lr
+from utils.batching import loss_weights, optimizer_steps, plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
     BEST,
     SHARDED,
@@ -63,15 +64,22 @@ from utils.run_start import start_records
 from utils.samplers import ResumableShuffleSampler
 from utils.throughput import Speed
 
-# -- your task: these three functions, make_datasets (data.py) and make_model (model.py) ---------------------------
+# -- your task: these four functions, make_datasets (data.py) and make_model (model.py) ---------------------------
 
 def training_step(model, batch, cfg: Config) -> torch.Tensor | dict:
     """The loss of one micro-batch, a scalar tensor, or a dict holding it under "loss" beside other scalar tensors to
-    log (as train_<name>, averaged over the log window). Keep the loss a mean over the batch's samples: then
-    eff_batch_size means the same on any number of devices and any accumulation."""
+    log (as train_<name>, averaged over the log window). Keep the loss a mean over what loss_weight counts."""
     inputs, targets = batch
     logits = model(inputs)  # (batch, classes) or (batch, time, vocabulary)
     return F.cross_entropy(logits.flatten(0, -2), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def loss_weight(batch, cfg: Config) -> torch.Tensor | None:
+    """What training_step's loss is a mean over, counted on the device: here the scored targets (samples; tokens of
+    padded text). A step's loss is then the mean over all of them in all its micro-batches on all devices, as if one
+    batch (a mean of per-micro-batch means would weigh a token of a short batch more). None: micro-batches weigh
+    the same (samples that count alike; it saves an all-reduce per step)."""
+    return (batch[1] != IGNORE_INDEX).sum()
 
 
 def make_metrics(cfg: Config) -> MetricCollection:
@@ -219,19 +227,18 @@ def main(cfg: Config) -> None:
     model.train()  # dropout on: a model may come in eval mode (Hugging Face's from_pretrained returns one)
     for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
         sampler.set_position(epoch, global_step - epoch * steps_per_epoch)  # skips steps a resumed epoch has seen
-        step_values = 0  # the step's loss and other values, on the device: reading them would wait for it
-        for micro_step, batch in enumerate(train_loader):
-            is_accumulating = (micro_step + 1) % batches.accum_steps != 0
-
-            # -- one micro-batch, then the optimizer step (the loss itself: training_step at the top) ---------------
-            # no gradient all-reduce on micro-steps that do not step the optimizer
-            with fabric.no_backward_sync(model, enabled=is_accumulating):
-                loss, extras = split_step_output(training_step(model, batch, cfg))
-                fabric.backward(loss / batches.accum_steps)
-            extra_names = list(extras)
-            step_values = step_values + torch.stack([loss.detach().float(), *extras.values()]) / batches.accum_steps
-            if is_accumulating:
-                continue
+        for micro_batches in optimizer_steps(train_loader, batches.accum_steps):
+            # -- the micro-batches, then the optimizer step (the loss itself: training_step at the top) -------------
+            # each micro-batch's loss weighs by its share of the step's scored items on all ranks (all ranks)
+            weights = loss_weights(fabric, [loss_weight(batch, cfg) for batch in micro_batches])
+            step_values = 0  # the step's loss and other values, on the device: reading them would wait for it
+            for micro_step, batch in enumerate(micro_batches):
+                # no gradient all-reduce on micro-steps that do not step the optimizer
+                with fabric.no_backward_sync(model, enabled=micro_step < batches.accum_steps - 1):
+                    loss, extras = split_step_output(training_step(model, batch, cfg))
+                    fabric.backward(loss * weights[micro_step])
+                extra_names = list(extras)
+                step_values = step_values + torch.stack([loss.detach().float(), *extras.values()]) * weights[micro_step]
             for group in optimizer.param_groups:  # the LR is a function of the step alone: the same after a resume
                 group["lr"] = lr_at(global_step + 1, lr, cfg.warmup_steps, total_steps, cfg.lr_schedule,
                                     cfg.min_lr_ratio)
@@ -250,7 +257,6 @@ def main(cfg: Config) -> None:
                 shorten_collective_timeout(cfg.collective_timeout)
             window_steps += 1
             unsynced_steps.append(step_values)
-            step_values = 0
             progress.update(1)
             end_of_epoch, last_step = global_step % steps_per_epoch == 0, global_step == total_steps
             # validate and save every val_every_n_steps / checkpoint_every_n_steps (else by epochs), and at the end

@@ -3,6 +3,7 @@
 import math
 from dataclasses import dataclass
 
+import torch
 from lightning.fabric import Fabric
 
 
@@ -37,3 +38,26 @@ def planned_world_size(fabric: Fabric) -> int:
     strategy = fabric.strategy
     devices = len(getattr(strategy, "parallel_devices", None) or [None])
     return getattr(strategy, "num_nodes", 1) * devices
+
+
+def optimizer_steps(loader, accum_steps: int):
+    """The loader's micro-batches, accum_steps at a time: those of one optimizer step, fetched before its first
+    forward so that each one's share of the step's loss is known (loss_weights)."""
+    micro_batches = []
+    for batch in loader:
+        micro_batches.append(batch)
+        if len(micro_batches) == accum_steps:
+            yield micro_batches
+            micro_batches = []
+
+
+def loss_weights(fabric: Fabric, counts: list) -> list:
+    """All ranks, given a tensor count per micro-batch of this step (what its loss averages over: train.py's
+    loss_weight): what to multiply each micro-batch's mean loss by, so that the step's gradient (averaged over ranks
+    as DDP and FSDP do) is that of the mean over every counted item of all micro-batches on all ranks. One all-reduce
+    on the device, no wait for it on the host. Counts of None: every micro-batch weighs the same, 1 / their number."""
+    if counts[0] is None:
+        return [1 / len(counts)] * len(counts)
+    counts = torch.stack(counts)
+    total = fabric.all_reduce(counts.sum(), reduce_op="sum") if fabric.world_size > 1 else counts.sum()  # all ranks
+    return list(counts * fabric.world_size / total)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from lightning.fabric import Fabric
 
+from utils.base_model import base_change
 from utils.batching import BatchPlan
 from utils.checkpoint import (
     CheckpointError,
@@ -38,6 +39,11 @@ def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state:
         fail(f"resume={cfg.resume!r}: {err}")
     if path is None:
         return None
+    if cfg.model.hf_path:  # the base model the run started from, hashed on rank 0 (all ranks)
+        recorded = run_record(ckpt_dir.parent)[1].get("base_model")
+        if change := fabric.broadcast(base_change(ckpt_dir.parent, recorded, cfg.model.hf_path)
+                                      if fabric.is_global_zero else None):
+            fail(change)
     mismatch = model_mismatch(read_model_weights(path, shapes_only=True), state["model"].state_dict())
     if mismatch:
         fail(f"checkpoint {path} does not fit the model: {mismatch}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lightning.fabric import Fabric
 
+from utils.base_model import base_change
 from utils.checkpoint import (
     TOP,
     CheckpointError,
@@ -242,6 +243,9 @@ def load_weights_for_reading(fabric: Fabric, run_dir: Path, choice: str | None, 
     (see choose_checkpoint; a file or a folder of shards) into `model` before Fabric sets it up, changing nothing in
     the run: their moving average where the run kept one (--ema_decay). A checkpoint that is missing, does not open or
     does not fit the model is a one-line error."""
+    base = getattr(model, "base_path", None)  # weights fine-tuned from a base fit that base only
+    if base and (change := base_change(run_dir, run_record(run_dir)[1].get("base_model"), base)):
+        fail(change)
     try:
         checkpoint = choose_checkpoint(fabric, run_dir, choice)
         weights = read_model_weights(checkpoint, average=True)

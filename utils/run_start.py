@@ -5,6 +5,7 @@ from pathlib import Path
 
 from lightning.fabric import Fabric
 
+from utils.base_model import base_record
 from utils.checkpoint import move_newer_aside
 from utils.console import print0
 from utils.loggers import log_hyperparams, make_loggers
@@ -26,7 +27,7 @@ def start_records(fabric: Fabric, cfg, run_dir: Path, settings: dict, derived: d
             print0(change)
         record_resume(run_dir, settings, derived, start_step, resumed_from, abandoned, code_copy)
     else:
-        record_start(run_dir, settings, derived)
+        record_start(run_dir, settings, {**derived, **base_record(cfg)})  # and the base a fine-tuning starts from
     loggers = make_loggers(cfg.logger_name, run_dir, start_step, cfg.wandb_project)  # they need the run folder
     if start_step == 0:  # once per run
         log_hyperparams(loggers, {**settings, **derived})
