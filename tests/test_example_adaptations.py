@@ -1,7 +1,8 @@
 """The template adapted to other tasks as a user would: a fresh copy in which only make_datasets (data.py),
-make_model (model.py), and training_step, make_metrics and validation_step (train.py) are rewritten. Each copy
-trains, stops on a signal and resumes bit-exactly, is evaluated by test.py with a report, and trains on 2 DDP
-processes: nothing else in the template assumes the digits, a (inputs, targets) batch or a metric's name."""
+make_model (model.py), and training_step, loss_weight, make_metrics and validation_step (train.py) are
+rewritten. Each copy trains, stops on a signal and resumes bit-exactly, is evaluated by test.py with a report, and
+trains on 2 DDP processes: nothing else in the template assumes the digits, a (inputs, targets) batch or a metric's
+name."""
 
 import csv
 import json
@@ -87,6 +88,10 @@ def training_step(model, batch, cfg):
     loss, alignment = two_views_loss(model, batch)
     return {"loss": loss, "alignment": alignment}
 ''',
+    "train.py:loss_weight": '''
+def loss_weight(batch, cfg):
+    return None  # a loss over pairs within the micro-batch: equal micro-batches weigh the same
+''',
     "train.py:make_metrics": '''
 def make_metrics(cfg):
     from utils.metrics import Mean
@@ -120,6 +125,10 @@ def make_model(cfg):
     "train.py:training_step": '''
 def training_step(model, batch, cfg):
     return model(**batch).loss
+''',
+    "train.py:loss_weight": '''
+def loss_weight(batch, cfg):
+    return (batch["labels"] != -100).sum()  # the labelled samples the model's loss averages over
 ''',
     "train.py:make_metrics": '''
 def make_metrics(cfg):
@@ -211,7 +220,7 @@ def test_contrastive_dict_batches_with_accumulation_and_a_value_logged_every_ste
 
 
 def test_a_hugging_face_model_with_dict_batches(tmp_path):
-    """transformers from the registry (requirements-test.txt), a tiny BERT built from a config and saved to a local
+    """transformers from the registry (requirements.txt), a tiny BERT built from a config and saved to a local
     folder: nothing is downloaded."""
     transformers = pytest.importorskip("transformers")
     folder = tmp_path / "tiny-bert"

@@ -174,7 +174,7 @@ def test_sample_refuses_a_digits_run(tmp_path):
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump(settings_record(Config())))
     result = run_script("sample.py", "--out_dir", run, check_rc=2)
-    assert_one_error_line(result, "dataset='digits'", "needs a GPT run")
+    assert_one_error_line(result, "dataset='digits'", "needs a run on text")
 
 
 def identical(a: dict, b: dict) -> bool:
