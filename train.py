@@ -185,10 +185,7 @@ def main(cfg: Config) -> None:
              "log_extra_sums": {}, "best_value": None, "best_step": None, "stop_reference": None,
              "bad_validations": 0, "top_k": []}
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the loss scale must survive too
-    if scaler is not None:
-        state["scaler"] = scaler
-    if ema is not None:
-        state["ema"] = ema
+    state |= {name: value for name, value in (("scaler", scaler), ("ema", ema)) if value is not None}
 
     # -- resume: the named checkpoint, or the newest that opens (corrupt ones are moved aside) -------------------
     resumed_from = resume_state(fabric, cfg, ckpt_dir, resume_file, state, batches) if resumed else None

@@ -86,18 +86,23 @@ def test_lora_trains_adapters_alone_resumes_exactly_and_exports_what_sample_gene
 
 
 @pytest.mark.slow
-def test_full_fine_tuning_saves_every_weight_and_fsdp2_shards_lora(base, tmp_path):
+def test_full_fine_tuning_saves_every_weight_and_fsdp2_shards_and_resumes_lora(base, tmp_path):
     full = tmp_path / "full"
     train.main(parse_config(hf_flags(base, full, "--max_steps", "2", "--lora_r", "0")))
     saved = load(checkpoints(only_run(full))[-1])
     assert not any("lora_" in key for key in saved["model"])
     assert len(saved["optimizer"]["state"]) == sum(1 for key in saved["model"] if "lm_head" not in key)  # tied
 
-    sharded = tmp_path / "fsdp2"
-    run_script("train.py", *hf_flags(base, sharded, "--max_steps", "2", "--devices", "2", "--strategy", "fsdp2"))
-    folder = checkpoints(only_run(sharded))[-1]
-    assert folder.is_dir() and all("lora_" in key for key in read_model_weights(folder))
-    assert "test loss" in run_script("test.py", "--out_dir", only_run(sharded)).stdout
+    # fsdp2 over 2 processes: shards of the adapters alone, a resume equal to a straight run, test.py reads them
+    fsdp2 = ["--devices", "2", "--strategy", "fsdp2", "--checkpoint_every_n_steps", "2", "--base_lr", "0.05"]
+    straight, split = tmp_path / "fsdp2", tmp_path / "fsdp2-split"
+    run_script("train.py", *hf_flags(base, straight, "--max_steps", "4", *fsdp2))
+    run_script("train.py", *hf_flags(base, split, "--max_steps", "2", *fsdp2))
+    run_script("train.py", *hf_flags(base, split, "--max_steps", "4", *fsdp2, "--resume", only_run(split)))
+    final, resumed = (read_model_weights(checkpoints(only_run(root))[-1]) for root in (straight, split))
+    assert checkpoints(only_run(split))[-1].is_dir() and all("lora_" in key for key in final)
+    assert max_weight_diff(final, resumed) == 0
+    assert "test loss" in run_script("test.py", "--out_dir", only_run(split)).stdout
 
 
 @pytest.mark.slow
