@@ -62,6 +62,7 @@ from utils.rng import gather_rng
 from utils.run_dir import check_writable, claim_run_dir
 from utils.run_start import start_records
 from utils.samplers import ResumableShuffleSampler
+from utils.sweep_trial import SweepTrial
 from utils.throughput import Speed
 
 # -- your task: these four functions, make_datasets (data.py) and make_model (model.py) ---------------------------
@@ -177,6 +178,7 @@ def main(cfg: Config) -> None:
     # -- run folder: a new one, or the resumed run's; locked by rank 0 before anything in it is touched ----------
     run_dir, resume_file = claim_run_dir(fabric, cfg)  # all ranks
     ckpt_dir = run_dir / "checkpoints"
+    trial = SweepTrial(fabric, run_dir)  # a trial of sweep.py's study, or nothing
     resumed = cfg.resume is not None
 
     # -- checkpointed state: fabric.save / fabric.load convert the model and optimizer to state_dicts ----------
@@ -306,7 +308,8 @@ def main(cfg: Config) -> None:
                     value, better, best_value, stop_reference, bad_validations, cfg.early_stop_min_delta)
                 top_k, dropped = follow_top_k(top_k, global_step, value, better, cfg.save_top_k)
                 ranked_in = [global_step, value] in top_k
-                stop_early = cfg.early_stop_patience > 0 and bad_validations >= cfg.early_stop_patience
+                pruned = trial.pruned(fabric, value, global_step)  # under sweep.py its pruner may stop the run
+                stop_early = pruned or cfg.early_stop_patience > 0 and bad_validations >= cfg.early_stop_patience
                 if stop_early:
                     metrics["stopped_early"] = 1
             if metrics:
@@ -341,7 +344,9 @@ def main(cfg: Config) -> None:
                 print0(f"{how}: saved {path} at step {global_step}; continue with: python train.py --resume {run_dir}",
                        file=sys.stderr)
                 exit_run(EXIT_INTERRUPTED if interrupt_votes else EXIT_PREEMPTED, fabric.loggers)
-            if stop_early:
+            if stop_early and pruned:
+                print0(f"pruned by the sweep at step {global_step} ({cfg.monitor} {value:.4f}); saved {path}")
+            elif stop_early:
                 print0(f"early stop at step {global_step}: {cfg.monitor} beat {stop_reference:.4f} by no more than "
                        f"{cfg.early_stop_min_delta} in {cfg.early_stop_patience} validation(s) in a row "
                        f"(best {best_value:.4f} at step {state['best_step']}); saved {path}")
