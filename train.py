@@ -21,7 +21,6 @@ training_step, loss_weight, make_metrics and validation_step just below, make_da
 """
 
 import contextlib
-import copy
 import math
 import sys
 import time
@@ -37,7 +36,6 @@ from model import make_model
 from utils.batching import loss_weights, optimizer_steps, plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
     BEST,
-    SHARDED,
     CheckpointError,
     checkpoint_name,
     finish_saves,
@@ -49,6 +47,7 @@ from utils.console import print0, progress_bar
 from utils.datasets import load_datasets, make_loaders
 from utils.early_stopping import follow_top_k, follow_validation, monitor_direction
 from utils.ema import EMA
+from utils.evaluation import run_evaluation
 from utils.exits import exit_run, fail, on_rank_zero, peer_failures_reported
 from utils.launching import launch, make_fabric, shorten_collective_timeout
 from utils.loggers import close_loggers, is_log_step, log_hparams_table
@@ -109,29 +108,10 @@ def validation_step(model, batch, metrics: MetricCollection, cfg: Config) -> Non
 # -------------------------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def evaluate(fabric: Fabric, model, loader, cfg: Config) -> dict:
-    """{metric name: value} of make_metrics over `loader` once (a number, or a nested list for a matrix), and the
-    number of samples. All ranks: the metrics sync across processes in compute()."""
-    model.eval()
-    metrics = make_metrics(cfg)  # a MetricCollection or a dict of metrics
-    for metric in metrics.values():
-        metric.to(fabric.device)
-    # FSDP gathers weights inside forward, so all ranks must forward equally often: agreed before the first (all ranks)
-    forwards = len(loader)
-    if isinstance(fabric.strategy, SHARDED):
-        forwards = int(fabric.all_reduce(torch.tensor(forwards, device=fabric.device), reduce_op="max"))
-    batch = None
-    for batch in loader:
-        validation_step(model, batch, metrics, cfg)
-    for _ in range(forwards - len(loader)):
-        validation_step(model, batch, copy.deepcopy(metrics), cfg)  # a shorter shard repeats its last batch, uncounted
-    model.train()
-    computed = metrics.compute() if isinstance(metrics, MetricCollection) else \
-        {name: metric.compute() for name, metric in metrics.items()}  # all ranks
-    values = {name: value.item() if value.numel() == 1 else value.tolist()  # the loss first, as it is printed
-              for name, value in sorted(computed.items(), key=lambda item: item[0] != "loss")}
-    return {**values, "samples": len(loader.dataset)}
+    """{metric name: value} of make_metrics over `loader` once, through validation_step, and the number of samples
+    (validation here, the test split in test.py). All ranks: the metrics sync across processes."""
+    return run_evaluation(fabric, model, loader, cfg, make_metrics(cfg), validation_step)
 
 
 def step_loss(model, batch, cfg: Config) -> torch.Tensor:
