@@ -36,7 +36,7 @@ def with_wrapped_step(tmp_path, wrapper: str):
 def scaled(output, factor):
     return {**output, "loss": output["loss"] * factor} if isinstance(output, dict) else output * factor
 '''
-    main = text.index("\n\n@torch.no_grad()\ndef evaluate(")
+    main = text.index("\n\n\ndef main(")
     (repo / "train.py").write_text(text[:main] + scaled + "\n" + wrapper + text[main:])
     return repo
 
