@@ -5,7 +5,9 @@ Three datasets, nothing downloaded:
 - shakespeare_char: Tiny Shakespeare (shipped in assets/), one token per character; a sample is a window of
   block_size characters and the same window shifted by one as targets. Training windows start anywhere in the
   first 90%, as in nanoGPT; the last 10% is split in half (validation, test), each cut into consecutive windows
-  that score every character exactly once.
+  that score every character exactly once. With --streaming true the training split is instead streamed from litdata
+  chunks (written once, or read from an object store: streaming_dir), as windows of block_size + 1 consecutive
+  characters that do not overlap, shuffled by litdata; validation and test are the same.
 - shakespeare_speeches: the same text cut at its blank lines into speeches (about 7,200), tokenized by the Hugging
   Face model's own tokenizer (model.hf_path); a sample is one speech between two end-of-text tokens, padded to
   block_size + 1 tokens (a longer one is cut into several). Speeches starting in the first 90% train, the rest split
@@ -15,9 +17,10 @@ Three datasets, nothing downloaded:
 
 import hashlib
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +41,12 @@ class DataConfig:
     dataset: Literal["digits", "shakespeare_char", "shakespeare_speeches"] = "digits"
     """Dataset: digits (8x8 images, 10 classes), shakespeare_char (characters of Tiny Shakespeare) or
     shakespeare_speeches (its speeches in the tokens of the Hugging Face model's tokenizer: --hf_path)."""
+    streaming: bool = False
+    """shakespeare_char: stream the training split from litdata chunks (litdata.StreamingDataset), as a corpus larger
+    than the disk would be; its position in the epoch is saved with each checkpoint."""
+    streaming_dir: str | None = None
+    """Where the chunks are: a local folder (written there once if it holds none) or an object-store URL (s3://...,
+    written beforehand with write_chunks). None: a folder beside the text in assets/."""
 
 
 class DataError(Exception):
@@ -46,8 +55,15 @@ class DataError(Exception):
 
 def make_datasets(cfg) -> tuple[Dataset, Dataset, Dataset]:
     """(train, val, test) for cfg.data.dataset; the splits do not depend on cfg.seed."""
+    if cfg.data.streaming and cfg.data.dataset != "shakespeare_char":
+        raise DataError(f"streaming=True is invalid with dataset={cfg.data.dataset!r}: only shakespeare_char streams")
     if cfg.data.dataset == "shakespeare_char":
-        return char_datasets(SHAKESPEARE, cfg.model.block_size)
+        train, val, test = char_datasets(SHAKESPEARE, cfg.model.block_size)
+        if cfg.data.streaming:  # the same training split, streamed from chunks
+            chunks = cfg.data.streaming_dir or str(SHAKESPEARE.with_name(f"{SHAKESPEARE.stem}-"
+                                                                         f"{SHAKESPEARE_SHA256[:12]}-train-chunks"))
+            train = streamed_windows(train.tokens[: train.end], chunks, cfg.model.block_size, cfg.seed)
+        return train, val, test
     if cfg.data.dataset == "shakespeare_speeches":
         return speech_datasets(_read_text(SHAKESPEARE), hf_tokenizer(cfg.model.hf_path), cfg.model.block_size)
     digits = _load_digits()
@@ -167,6 +183,49 @@ class RandomWindows(Dataset):
         starts = np.asarray(indices, dtype=np.int64)[:, None]
         chunks = torch.from_numpy(self.tokens[starts + np.arange(self.block_size + 1)].astype(np.int64))
         return list(zip(chunks[:, :-1], chunks[:, 1:], strict=True))
+
+
+def streamed_windows(tokens: np.ndarray, chunks: str, block_size: int, seed: int):
+    """litdata's StreamingDataset of `tokens` in chunks at `chunks` (written there first if it is a local folder that
+    holds none): a sample is a window of block_size + 1 consecutive tokens as (inputs, targets), windows do not
+    overlap, and litdata shuffles them by seed and epoch."""
+    from litdata import StreamingDataset, TokensLoader  # imported only for streaming
+
+    if "://" not in chunks and not (Path(chunks) / "index.json").is_file():
+        write_chunks(tokens, chunks)
+    return StreamingDataset(chunks, item_loader=TokensLoader(block_size=block_size + 1), shuffle=True, seed=seed,
+                            transform=_inputs_and_targets)
+
+
+def write_chunks(tokens: np.ndarray, output_dir: str, tokens_per_input: int = 1 << 14) -> None:
+    """`tokens` as litdata chunks (litdata.optimize) in output_dir: an object-store URL, or a local folder, which is
+    written under a temporary name and renamed, so that a run never reads half-written chunks."""
+    from litdata import TokensLoader, optimize
+
+    local = "://" not in output_dir
+    target = Path(output_dir).with_name(f".{Path(output_dir).name}.{os.getpid()}.tmp") if local else output_dir
+    try:
+        # small chunks for a small text (16 here), so that ranks and workers share them evenly; a corpus: 64MB
+        optimize(fn=partial(_token_slice, tokens, tokens_per_input), output_dir=str(target), chunk_bytes="256KB",
+                 inputs=list(range(0, len(tokens), tokens_per_input)), item_loader=TokensLoader(), num_workers=1,
+                 verbose=False)
+        if local:
+            os.replace(target, output_dir)
+    except OSError as err:
+        if not (local and (Path(output_dir) / "index.json").is_file()):  # else another node wrote them first
+            raise DataError(f"streaming_dir={output_dir!r}: cannot write the chunks there ({err})") from None
+    finally:
+        if local:
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def _token_slice(tokens: np.ndarray, length: int, start: int) -> torch.Tensor:
+    return torch.from_numpy(tokens[start : start + length].astype(np.int32))
+
+
+def _inputs_and_targets(window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    window = window.long()
+    return window[:-1], window[1:]
 
 
 class ScoredWindows(Dataset):

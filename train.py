@@ -33,7 +33,7 @@ from torchmetrics import MetricCollection
 from config import Config, load_config, settings_record
 from data import IGNORE_INDEX, num_classes
 from model import make_model
-from utils.batching import loss_weights, optimizer_steps, plan_batches, planned_world_size, scaled_lr
+from utils.batching import loss_weights, plan_batches, planned_world_size, scaled_lr
 from utils.checkpoint import (
     BEST,
     CheckpointError,
@@ -60,7 +60,6 @@ from utils.resume import nothing_to_train, resume_state
 from utils.rng import gather_rng
 from utils.run_dir import check_writable, claim_run_dir
 from utils.run_start import start_records
-from utils.samplers import ResumableShuffleSampler
 from utils.sweep_trial import SweepTrial
 from utils.throughput import Speed
 
@@ -137,15 +136,14 @@ def main(cfg: Config) -> None:
     # -- data: every optimizer step sees the same eff_batch_size samples on any number of devices -------------
     train_set, val_set, _ = load_datasets(fabric, cfg)
     better = monitor_direction(cfg, make_metrics(cfg))  # --monitor names a metric: checked before the model is built
-    sampler = ResumableShuffleSampler(len(train_set), batches.per_device, fabric.world_size, fabric.global_rank,
-                                      cfg.seed)
-    steps_per_epoch = sampler.steps_per_epoch
+    train_steps, val_loader = make_loaders(fabric, cfg, train_set, val_set, batches)  # all ranks
+    steps_per_epoch = train_steps.steps_per_epoch
     if steps_per_epoch == 0:
-        fail(f"eff_batch_size={cfg.eff_batch_size} is larger than the training set ({len(train_set)} samples)")
+        fail(f"eff_batch_size={cfg.eff_batch_size} is larger than the training set ({train_steps.dataset_size} "
+             f"samples)")
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch  # max_steps alone ends the run when set
     if cfg.warmup_steps >= total_steps:
         fail(f"warmup_steps={cfg.warmup_steps} is invalid: expected fewer than the run's {total_steps} steps")
-    train_loader, val_loader = make_loaders(fabric, cfg, train_set, val_set, sampler, batches.micro)
 
     # -- model and optimizer ---------------------------------------------------------------------------------------
     model, optimizer, param_groups = setup_model(fabric, cfg, lr, train_set, batches.micro,
@@ -168,6 +166,8 @@ def main(cfg: Config) -> None:
              "bad_validations": 0, "top_k": []}
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # 16-mixed: the loss scale must survive too
     state |= {name: value for name, value in (("scaler", scaler), ("ema", ema)) if value is not None}
+    if hasattr(train_steps, "state_dict"):  # streamed data: litdata's position in the epoch
+        state["train_data"] = train_steps
 
     # -- resume: the named checkpoint, or the newest that opens (corrupt ones are moved aside) -------------------
     resumed_from = resume_state(fabric, cfg, ckpt_dir, resume_file, state, batches) if resumed else None
@@ -205,8 +205,8 @@ def main(cfg: Config) -> None:
     progress = progress_bar(total_steps, start_step, enabled=fabric.is_global_zero)
     model.train()  # dropout on: a model may come in eval mode (Hugging Face's from_pretrained returns one)
     for epoch in range(start_step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
-        sampler.set_position(epoch, global_step - epoch * steps_per_epoch)  # skips steps a resumed epoch has seen
-        for micro_batches in optimizer_steps(train_loader, batches.accum_steps):
+        # a resumed epoch skips the steps it has seen
+        for micro_batches in train_steps.epoch(epoch, global_step - epoch * steps_per_epoch):
             # -- the micro-batches, then the optimizer step (the loss itself: training_step at the top) -------------
             # each micro-batch's loss weighs by its share of the step's scored items on all ranks (all ranks)
             weights = loss_weights(fabric, [loss_weight(batch, cfg) for batch in micro_batches])

@@ -6,11 +6,12 @@ Environment (all optional):
   FAULT=sigusr1|sigterm|sigint|sigkill|sigstop|nan   send this process that real signal (sigstop: a hung process),
                        or make that forward's output NaN
   FAULT_RANKS=0,1      the global ranks that get the fault (default: all)
-  BREAK=rng|sampler_epoch|batch_skip  switch off one part of exact resume, for the negative controls; BREAK=same_init:
-                       every rank builds its initial weights from its own seed; BREAK=validation_check: a NaN
-                       validation does not stop the run
+  BREAK=rng|sampler_epoch|batch_skip|stream_position  switch off one part of exact resume, for the negative
+                       controls; BREAK=same_init: every rank builds its initial weights from its own seed;
+                       BREAK=validation_check: a NaN validation does not stop the run
   PROBE_LOG=FILE       append a line per model forward ("RANK train|eval BATCH") and per dataset build
                        ("RANK data START END", with DATA_SECONDS of sleep inside)
+  SAMPLES_LOG=FILE     append a line per training sample: "RANK CRC32" of its inputs (which samples a run trained on)
   EVAL_SECONDS=s       every forward in eval mode sleeps this long (a slow validation)
   NAN_AT_EVAL_FORWARD=k  the k-th forward in eval mode (validation) of this rank gives NaN, as NaN weights would
   ITERABLE_DATA=1      make_datasets returns IterableDatasets
@@ -34,6 +35,7 @@ import os
 import signal
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -50,6 +52,7 @@ import train  # noqa: E402
 import utils.launching  # noqa: E402
 import utils.resume  # noqa: E402
 import utils.samplers  # noqa: E402
+import utils.streaming  # noqa: E402
 
 forwards = eval_forwards = 0
 
@@ -68,6 +71,9 @@ def inject(module, inputs, output):
     global forwards, eval_forwards
     if os.environ.get("PROBE_LOG"):  # a model called with keywords only (model(**batch)) has no inputs[0]
         probe(f"{'train' if module.training else 'eval'} {len(inputs[0])}")
+    if os.environ.get("SAMPLES_LOG") and module.training:
+        with open(os.environ["SAMPLES_LOG"], "a") as f:
+            f.writelines(f"{rank()} {zlib.crc32(sample.numpy().tobytes())}\n" for sample in inputs[0].cpu())
     if not module.training:
         eval_forwards += 1
         time.sleep(float(os.environ.get("EVAL_SECONDS", 0)))
@@ -122,6 +128,8 @@ def break_resume(part: str) -> None:
         utils.resume.restore_rng = lambda state: None
     elif part == "batch_skip":
         sampler.set_position = lambda self, epoch, steps_done=0: original(self, epoch, 0)
+    elif part == "stream_position":  # a streamed epoch restarts from its beginning
+        utils.streaming.StreamedSteps.load_state_dict = lambda self, state: None
     elif part == "sampler_epoch":  # as Fabric's own loader would: epochs counted from 0 in every new process
         first = []
         sampler.set_position = lambda self, epoch, steps_done=0: original(

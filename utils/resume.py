@@ -48,6 +48,10 @@ def resume_state(fabric: Fabric, cfg, ckpt_dir: Path, named: Path | None, state:
     if mismatch:
         fail(f"checkpoint {path} does not fit the model: {mismatch}")
     saved = set(open_checkpoint(path)) | ({"model", "optimizer"} if path.is_dir() else set())  # shards hold those
+    if ("train_data" in saved) != ("train_data" in state):  # a streamed position means nothing to a sampler
+        was, now = ("streamed", "is not") if "train_data" in saved else ("not streamed", "is")
+        fail(f"checkpoint {path}: its training data was {was} (litdata) and this run's {now}: a resumed run keeps "
+             f"how it reads its training data (data.streaming)")
     stand_ins = {key: value_of for key, value_of in ADDED_LATER.items() if key in state and key not in saved}
     fresh = [key for key in FRESH_IF_ABSENT if key in state and key not in saved]
     missing = sorted(state.keys() - saved - stand_ins.keys() - set(fresh))
