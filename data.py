@@ -205,7 +205,7 @@ def write_chunks(tokens: np.ndarray, output_dir: str, tokens_per_input: int = 1 
     local = "://" not in output_dir
     target = Path(output_dir).with_name(f".{Path(output_dir).name}.{os.getpid()}.tmp") if local else output_dir
     try:
-        # small chunks for a small text (16 here), so that ranks and workers share them evenly; a corpus: 64MB
+        # small chunks for a small text (21 here), so that ranks and workers share them evenly; a corpus: 64MB
         optimize(fn=partial(_token_slice, tokens, tokens_per_input), output_dir=str(target), chunk_bytes="256KB",
                  inputs=list(range(0, len(tokens), tokens_per_input)), item_loader=TokensLoader(), num_workers=1,
                  verbose=False)
