@@ -330,10 +330,18 @@ def _unset(cfg: Config, names: set[str]) -> Config:
     return dataclasses.replace(cfg, **top, **groups) if names else cfg
 
 
+def _group_named(flag: str) -> str:
+    """--data.streaming, --model.n_layer=4: a data or model setting may be named under its group, as a YAML file
+    nests it (a name its group does not have is left for the parser to refuse)."""
+    group, dot, rest = flag.removeprefix("--").partition(".")
+    fields = {f.name for f in dataclasses.fields(NESTED[group])} if flag.startswith("--") and group in NESTED else ()
+    return f"--{rest}" if dot and rest.partition("=")[0] in fields else flag
+
+
 def parse_config(argv: list[str] | None = None, saved: dict | None = None, description: str | None = None) -> Config:
     """Parses flags over --config_path over the hardware a launcher fixed over `saved` (a run's own settings, typed
     values that never pass through the parser) over the defaults. `--FIELD none` unsets an optional field."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = [_group_named(flag) for flag in (sys.argv[1:] if argv is None else argv)]
     bare = _bare_flag(argv)
     if bare:
         fail(f"{bare} needs a value")

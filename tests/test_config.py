@@ -17,6 +17,12 @@ def test_flags_override_file_override_defaults(tmp_path):
     assert parse_config([]) == Config()
 
 
+def test_a_data_or_model_setting_may_be_named_under_its_group():
+    cfg = parse_config(["--data.dataset", "shakespeare_char", "--model.arch=gpt", "--data.streaming", "true"])
+    assert cfg == parse_config(["--dataset", "shakespeare_char", "--arch", "gpt", "--streaming", "true"])
+    assert cfg.data.streaming is True
+
+
 def test_a_runs_config_yaml_works_as_config_path(tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text("epochs: 7\nderived:\n  world_size: 4\n")
@@ -92,6 +98,7 @@ BAD_FLAGS = [
     (["--block_size", "-4"], "block_size=-4"),
     (["--dataset", "imagenet"], "'imagenet'"),
     (["--n_layer"], "--n_layer needs a value"),
+    (["--data.n_layer", "3"], "--data.n_layer"),  # a setting under a group it is not in
     (["--strategy", "fsdp"], "strategy='fsdp' is invalid: expected one of auto, ddp, ddp_find_unused_parameters_true, "
                              "fsdp2 (the strategies this template runs; fsdp2 covers FSDP1 and DeepSpeed's ZeRO)"),
     (["--strategy", "deepspeed_stage_3"], "strategy='deepspeed_stage_3' is invalid: expected one of auto, ddp, "),
