@@ -17,7 +17,11 @@ Three datasets, nothing downloaded:
 
 import hashlib
 import os
+import re
 import shutil
+import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, partial
@@ -46,7 +50,7 @@ class DataConfig:
     than the disk would be; its position in the epoch is saved with each checkpoint."""
     streaming_dir: str | None = None
     """Where the chunks are: a local folder (written there once if it holds none) or an object-store URL (s3://...,
-    written beforehand with write_chunks). None: a folder beside the text in assets/."""
+    the chunks copied there beforehand). None: a folder beside the text in assets/."""
 
 
 class DataError(Exception):
@@ -62,7 +66,8 @@ def make_datasets(cfg) -> tuple[Dataset, Dataset, Dataset]:
         if cfg.data.streaming:  # the same training split, streamed from chunks
             chunks = cfg.data.streaming_dir or str(SHAKESPEARE.with_name(f"{SHAKESPEARE.stem}-"
                                                                          f"{SHAKESPEARE_SHA256[:12]}-train-chunks"))
-            train = streamed_windows(train.tokens[: train.end], chunks, cfg.model.block_size, cfg.seed)
+            train = streamed_windows(Path(train.tokens.filename), train.end, chunks, cfg.model.block_size,
+                                     cfg.seed)
         return train, val, test
     if cfg.data.dataset == "shakespeare_speeches":
         return speech_datasets(_read_text(SHAKESPEARE), hf_tokenizer(cfg.model.hf_path), cfg.model.block_size)
@@ -185,38 +190,52 @@ class RandomWindows(Dataset):
         return list(zip(chunks[:, :-1], chunks[:, 1:], strict=True))
 
 
-def streamed_windows(tokens: np.ndarray, chunks: str, block_size: int, seed: int):
-    """litdata's StreamingDataset of `tokens` in chunks at `chunks` (written there first if it is a local folder that
-    holds none): a sample is a window of block_size + 1 consecutive tokens as (inputs, targets), windows do not
-    overlap, and litdata shuffles them by seed and epoch."""
+def streamed_windows(token_file: Path, end: int, chunks: str, block_size: int, seed: int):
+    """litdata's StreamingDataset of the first `end` tokens of token_file in chunks at `chunks` (written there first
+    if it is a local folder that holds none): a sample is a window of block_size + 1 consecutive tokens as (inputs,
+    targets), windows do not overlap, and litdata shuffles them by seed and epoch."""
     from litdata import StreamingDataset, TokensLoader  # imported only for streaming
 
     if "://" not in chunks and not (Path(chunks) / "index.json").is_file():
-        write_chunks(tokens, chunks)
+        write_chunks(token_file, end, Path(chunks))
     return StreamingDataset(chunks, item_loader=TokensLoader(block_size=block_size + 1), shuffle=True, seed=seed,
                             transform=_inputs_and_targets)
 
 
-def write_chunks(tokens: np.ndarray, output_dir: str, tokens_per_input: int = 1 << 14) -> None:
-    """`tokens` as litdata chunks (litdata.optimize) in output_dir: an object-store URL, or a local folder, which is
-    written under a temporary name and renamed, so that a run never reads half-written chunks."""
+def write_chunks(token_file: Path, end: int, output_dir: Path) -> None:
+    """The first `end` tokens of token_file (uint16) as litdata chunks in output_dir (copy them to an object store
+    for streaming_dir=s3://...). litdata.optimize writes them in a process of its own, because it answers Ctrl-C
+    with exit status 0, which must not pass for a finished run; under a temporary name, renamed once complete."""
+    tmp = output_dir.with_name(f".{output_dir.name}.{os.getpid()}.tmp")
+    code = "import sys, data; data._optimize_tokens(sys.argv[1], int(sys.argv[2]), sys.argv[3])"
+    try:
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited: no traceback before optimize starts
+        try:
+            writer = subprocess.Popen([sys.executable, "-c", code, str(token_file), str(end), str(tmp)],
+                                      cwd=Path(__file__).parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True)
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
+        raised = [line for line in writer.communicate()[1].splitlines() if re.match(r"\w+(Error|Interrupt)\b", line)]
+        if not (tmp / "index.json").is_file():
+            raise DataError(f"streaming_dir={str(output_dir)!r}: writing the chunks stopped before they were complete "
+                            f"(exit status {writer.returncode}{', ' + raised[-1] if raised else ''})")
+        try:
+            os.replace(tmp, output_dir)
+        except OSError as err:
+            if not (output_dir / "index.json").is_file():  # else another node wrote them first
+                raise DataError(f"streaming_dir={str(output_dir)!r}: cannot put the chunks there ({err})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _optimize_tokens(token_file: Path, end: int, output_dir: Path, tokens_per_input: int = 1 << 14) -> None:
     from litdata import TokensLoader, optimize
 
-    local = "://" not in output_dir
-    target = Path(output_dir).with_name(f".{Path(output_dir).name}.{os.getpid()}.tmp") if local else output_dir
-    try:
-        # small chunks for a small text (21 here), so that ranks and workers share them evenly; a corpus: 64MB
-        optimize(fn=partial(_token_slice, tokens, tokens_per_input), output_dir=str(target), chunk_bytes="256KB",
-                 inputs=list(range(0, len(tokens), tokens_per_input)), item_loader=TokensLoader(), num_workers=1,
-                 verbose=False)
-        if local:
-            os.replace(target, output_dir)
-    except OSError as err:
-        if not (local and (Path(output_dir) / "index.json").is_file()):  # else another node wrote them first
-            raise DataError(f"streaming_dir={output_dir!r}: cannot write the chunks there ({err})") from None
-    finally:
-        if local:
-            shutil.rmtree(target, ignore_errors=True)
+    tokens = np.memmap(token_file, dtype=np.uint16, mode="r")[:end]
+    # small chunks for a small text (21 here), so that ranks and workers share them evenly; a corpus: 64MB
+    optimize(fn=partial(_token_slice, tokens, tokens_per_input), output_dir=str(output_dir), chunk_bytes="256KB",
+             inputs=list(range(0, end, tokens_per_input)), item_loader=TokensLoader(), num_workers=1, verbose=False)
 
 
 def _token_slice(tokens: np.ndarray, length: int, start: int) -> torch.Tensor:

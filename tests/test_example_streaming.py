@@ -1,7 +1,12 @@
 """Streamed training data (litdata) on the GPT workload: the chunks, and exact resume on 1 and 2 processes."""
 
 import collections
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -109,3 +114,21 @@ def test_a_streamed_run_on_1_process_with_loader_workers_resumes_bit_identical(t
     run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *args, "--resume", "auto")
     straight, resumed = last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "stopped")
     assert resumed["global_step"] == 10 and max_weight_diff(straight["model"], resumed["model"]) == 0
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_chunks_are_written_stops_the_run_with_one_line(tmp_path):
+    """litdata.optimize answers Ctrl-C with exit status 0: written in a process of its own, the run says it stopped
+    (exit 2, one line), and leaves no chunks, no half-written folder and no run folder."""
+    chunks = tmp_path / "chunks"
+    run = subprocess.Popen([sys.executable, REPO / "train.py", *RUN, "--streaming_dir", chunks, "--root_dir",
+                            tmp_path / "runs"], start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(tmp_path.glob(".chunks.*.tmp/chunk-*.bin")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGINT)  # as a terminal does: the whole foreground group
+    stderr = run.communicate(timeout=60)[1]
+    assert run.returncode == 2
+    assert_one_error_line(subprocess.CompletedProcess([], 2, "", stderr), "writing the chunks stopped before they "
+                          "were complete (exit status 0, KeyboardInterrupt)")
+    assert list(tmp_path.iterdir()) == []
