@@ -11,6 +11,7 @@ training_step, loss_weight, make_metrics and validation_step just below, make_da
     python train.py --log_per_epoch 4 --logger_name tensorboard csv --checkpoint_frequency 5 --comment "note"
     python train.py --config_path my.yaml --epochs 20        # a YAML file, then flags on top
     python train.py --config_path configs/shakespeare_char.yaml   # a character-level GPT (nanoGPT's CPU recipe)
+    python train.py --config_path configs/shakespeare_char.yaml --data.streaming true   # its data streamed (litdata)
     python train.py --resume runs/20261122-104500-train_out  # continue that run
     python train.py --resume auto                            # the newest unfinished run, else a new one
     torchrun --nproc_per_node 4 train.py --devices 4
