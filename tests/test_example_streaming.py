@@ -106,14 +106,25 @@ def test_a_streamed_run_resumed_on_1_process_sees_each_sample_of_the_epoch_once(
 
 
 @pytest.mark.slow
-def test_a_streamed_run_on_1_process_with_loader_workers_resumes_bit_identical(tmp_path):
+def test_a_streamed_run_on_1_process_with_loader_workers_resumes_bit_identical_from_moved_chunks(tmp_path):
+    """Chunks written to --streaming_dir, moved between the stop and the resume (as to an object store): the same
+    chunks resume exactly; other chunks are refused."""
     args = [*RUN, "--num_workers", "2", "--max_steps", "10"]  # the epoch's end: the test above
-    run_script("tests/fault_driver.py", "--root_dir", tmp_path / "straight", *args)
-    run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *args, check_rc=143,
+    chunks = ["--streaming_dir", tmp_path / "chunks"]
+    run_script("tests/fault_driver.py", "--root_dir", tmp_path / "straight", *args, *chunks)
+    run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *args, *chunks, check_rc=143,
                env={"FAULT": "sigusr1", "FAULT_AT_FORWARD": "7"})
-    run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *args, "--resume", "auto")
+    (tmp_path / "chunks").rename(tmp_path / "moved")
+    shutil.copytree(tmp_path / "stopped", tmp_path / "other")
+    run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *args, "--resume", "auto",
+               "--streaming_dir", tmp_path / "moved")
     straight, resumed = last_checkpoint(tmp_path / "straight"), last_checkpoint(tmp_path / "stopped")
     assert resumed["global_step"] == 10 and max_weight_diff(straight["model"], resumed["model"]) == 0
+    index = tmp_path / "moved" / "index.json"  # a chunk of another name: other chunks
+    index.write_text(index.read_text().replace('"chunk-0-3.bin"', '"chunk-0-3-lost.bin"'))
+    refused = run_script("train.py", *args, "--streaming_dir", tmp_path / "moved", "--resume",
+                         only_run(tmp_path / "other"), check_rc=2)
+    assert_one_error_line(refused, "the checkpoint streamed other chunks")
 
 
 @pytest.mark.slow

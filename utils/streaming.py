@@ -5,7 +5,8 @@ litdata assigns chunks to ranks and loader workers and shuffles by seed and epoc
 has handed out (state_dict). On the world size, loader workers and micro-batch a checkpoint was saved with, a resume
 replays the same order from there: bit-identical to a run that was never stopped. On another world size (or number of
 workers) litdata restripes what is left of the epoch over the new ranks: no sample of the epoch is seen twice or lost
-(up to a micro-batch per rank at its end), but the samples of a step differ from an unstopped run's.
+(up to a micro-batch per rank at its end), but the samples of a step differ from an unstopped run's. Chunks that
+moved (another folder, an object store) resume if they are the same chunks; other chunks are refused.
 """
 
 from itertools import islice
@@ -15,6 +16,7 @@ from lightning.fabric import Fabric
 from torch.utils.data import Dataset, IterableDataset
 
 from utils.batching import BatchPlan, optimizer_steps
+from utils.exits import fail
 
 
 def is_streaming(dataset: Dataset) -> bool:
@@ -56,4 +58,13 @@ class StreamedSteps:
         return self.loader.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """litdata's position; the chunks may have moved (a copy in an object store, say) if they are the same chunks,
+        which litdata's own check of their path would refuse."""
+        saved, dataset = state["dataset"], self.loader.dataset
+        layout = [saved["subsampled_files"], [list(region) for region in saved["region_of_interest"]]]
+        if layout != [dataset.subsampled_files, [list(region) for region in dataset.region_of_interest]]:
+            fail(f"the checkpoint streamed other chunks ({saved['input_dir_url'] or saved['input_dir_path']}) than "
+                 f"this run's ({dataset.input_dir.url or dataset.input_dir.path}): a resumed run reads the same data")
+        saved.update(input_dir_path=dataset.input_dir.path, input_dir_url=dataset.input_dir.url,
+                     cache_dir_path=dataset.cache_dir.path)
         self.loader.load_state_dict(state)
