@@ -1,6 +1,7 @@
 """Batch split and LR arithmetic, and that accumulation steps the optimizer the right number of times."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from config import parse_config
 from train import main
 from utils.batching import plan_batches, scaled_lr
+from utils.streaming import StreamedSteps
 
 
 @pytest.mark.parametrize("eff,world,micro,expected", [
@@ -75,3 +77,24 @@ def test_accumulation_counts_steps_and_matches_one_big_batch(root):
     assert accumulated["optimizer_steps"] == plain["optimizer_steps"] == steps
     assert accumulated["forwards"] == 4 * steps and plain["forwards"] == steps
     assert max_weight_diff(results["16"][1], results[None][1]) < 1e-12
+
+
+class ShortStream(list):
+    """A streamed loader that holds fewer micro-batches than the epoch's steps need."""
+    restore = current_epoch = None
+
+
+@pytest.mark.parametrize("batches,fails", [(6, False), (5, True)])
+def test_a_streamed_epoch_that_ends_early_stops_the_run_instead_of_shifting_the_steps(batches, fails, capsys):
+    """After a resume on another world size litdata may deal a rank fewer samples than the epoch's remaining steps
+    need; the loop's count of steps and litdata's epochs would then part. Control: enough batches run to the end."""
+    steps = object.__new__(StreamedSteps)
+    steps.loader, steps.steps_per_epoch, steps.accum_steps = ShortStream(range(batches)), 4, 2
+    steps.fabric = SimpleNamespace(to_device=lambda batch: batch, global_rank=0)
+    if not fails:
+        assert list(steps.epoch(3, 1)) == [[0, 1], [2, 3], [4, 5]]
+        return
+    with pytest.raises(SystemExit) as stopped:
+        list(steps.epoch(3, 1))
+    assert stopped.value.code == 1
+    assert "the streamed epoch 3 ended 1 step(s) early on rank 0" in capsys.readouterr().err

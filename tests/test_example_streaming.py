@@ -107,9 +107,11 @@ def test_a_streamed_run_resumed_on_1_process_sees_each_sample_of_the_epoch_once(
 
 @pytest.mark.slow
 def test_a_streamed_run_on_1_process_with_loader_workers_resumes_bit_identical_from_moved_chunks(tmp_path):
-    """Chunks written to --streaming_dir, moved between the stop and the resume (as to an object store): the same
-    chunks resume exactly; other chunks are refused."""
+    """Chunks in --streaming_dir, moved between the stop and the resume (as to an object store): the same chunks
+    resume exactly; other chunks are refused."""
     args = [*RUN, "--num_workers", "2", "--max_steps", "10"]  # the epoch's end: the test above
+    make_datasets(parse_config(PRESET))  # the shipped text's chunks (written if this clone has none yet), copied
+    shutil.copytree(next(REPO.glob("assets/*-train-chunks")), tmp_path / "chunks")
     chunks = ["--streaming_dir", tmp_path / "chunks"]
     run_script("tests/fault_driver.py", "--root_dir", tmp_path / "straight", *args, *chunks)
     run_script("tests/fault_driver.py", "--root_dir", tmp_path / "stopped", *args, *chunks, check_rc=143,

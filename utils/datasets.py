@@ -40,8 +40,8 @@ class ShuffledSteps:
     def __init__(self, fabric: Fabric, cfg, dataset: Dataset, batches: BatchPlan):
         self.sampler = ResumableShuffleSampler(len(dataset), batches.per_device, fabric.world_size,
                                                fabric.global_rank, cfg.seed)
-        self.steps_per_epoch, self.dataset_size, self.accum_steps = self.sampler.steps_per_epoch, len(dataset), \
-            batches.accum_steps
+        self.steps_per_epoch, self.dataset_size = self.sampler.steps_per_epoch, len(dataset)
+        self.accum_steps = batches.accum_steps
         # the loader's own generator keeps iterator creation from drawing on the global RNG (exact resume)
         loader = DataLoader(dataset, batch_size=batches.micro, sampler=self.sampler, **loader_settings(fabric, cfg),
                             generator=torch.Generator().manual_seed(cfg.seed))

@@ -48,11 +48,19 @@ class StreamedSteps:
 
     def epoch(self, epoch: int, steps_done: int):
         """The micro-batches of each step of `epoch` after its first `steps_done`, on this rank's device. Mid-epoch
-        (steps_done > 0) only right after load_state_dict: litdata then continues from the checkpoint's position."""
+        (steps_done > 0) only right after load_state_dict: litdata then continues from the checkpoint's position. A
+        stream that ends before the epoch's steps do stops the run (exit 1)."""
         if steps_done == 0:  # a fresh epoch: litdata's __iter__ counts it up from ours
             self.loader.restore, self.loader.current_epoch = False, epoch
         batches = (self.fabric.to_device(batch) for batch in self.loader)
-        return islice(optimizer_steps(batches, self.accum_steps), self.steps_per_epoch - steps_done)
+        expected, count = self.steps_per_epoch - steps_done, 0
+        for step in islice(optimizer_steps(batches, self.accum_steps), expected):
+            count += 1
+            yield step
+        if count < expected:  # the loop's step count and litdata's would part from here
+            fail(f"the streamed epoch {epoch} ended {expected - count} step(s) early on rank "
+                 f"{self.fabric.global_rank}: litdata restriped it over fewer samples after a resume on another "
+                 f"world size; resume on the world size the checkpoint was saved with", status=1)
 
     def state_dict(self) -> dict:
         return self.loader.state_dict()
