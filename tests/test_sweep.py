@@ -42,8 +42,8 @@ def test_one_study_through_parallel_workers_failures_pruning_and_a_killed_worker
     assert [process.returncode for process in parallel] == [0, 0], outputs
     started = [line.split(":")[0] for output in outputs for line in output.splitlines() if "--out_dir" in line]
     assert sorted(started) == [f"trial {n}" for n in range(4)]  # no trial run twice
-    runs = sorted((tmp_path / "sweeps" / "s").glob("*-s-trial-*"))
-    assert [run.name[-4:] for run in runs] == ["0000", "0001", "0002", "0003"]
+    runs = list((tmp_path / "sweeps" / "s").glob("*-s-trial-*"))  # named by start time, then trial number
+    assert sorted(run.name[-4:] for run in runs) == ["0000", "0001", "0002", "0003"]
     assert all((run / "checkpoints" / "best.ckpt").is_file() for run in runs)
 
     # a run that fails (exit 2: more warmup than steps) is a failed trial, not retried
