@@ -47,6 +47,16 @@ def test_streamed_windows_are_the_training_split_in_consecutive_pieces():
         make_datasets(parse_config(["--streaming", "true"]))
 
 
+def test_check_py_compares_streamed_runs_over_accumulation_not_processes():
+    """litdata deals chunks to ranks: a step of 2 processes holds other samples, which check.py must not call a loss
+    that is no mean over samples (it found 0.005 there; accumulation on 1 process agrees to 7e-17, by hand)."""
+    import check
+
+    assert check.streams(parse_config(PRESET)) and not check.streams(parse_config(PRESET[:2]))
+    assert list(check.splits_to_compare(512, True, streamed=True)) == ["1 process", "accumulation 2"]
+    assert list(check.splits_to_compare(512, True, streamed=False)) == ["1 process", "accumulation 2", "2 processes"]
+
+
 def samples(path) -> list[str]:
     """The training samples a run logged (tests/fault_driver.py SAMPLES_LOG), in order, ranks together."""
     return [line.split()[1] for line in path.read_text().splitlines()]
