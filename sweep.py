@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from config import _all_fields, parse_config
+from config import _all_fields, _group_named, parse_config
 from utils.checkpoint import BEST, open_checkpoint, read_yaml_file, write_yaml_atomically
 from utils.exits import exit_run, fail
 from utils.preemption import EXIT_INTERRUPTED, EXIT_PREEMPTED
@@ -46,7 +46,7 @@ def load_space(path: Path) -> dict[str, dict]:
         fail(f"space={str(path)!r} is invalid: expected a mapping of setting: range")
     settings = {field.name for field in _all_fields()}
     for name, spec in space.items():
-        if name.split(".")[-1] not in settings:
+        if _group_named(f"--{name}").removeprefix("--") not in settings:  # model.n_layer as train.py's flags take it
             fail(f"space={str(path)!r}: {name!r} is not a setting of train.py")
         kind = spec.get("type") if isinstance(spec, dict) else None
         if kind not in KINDS or any(key not in spec for key in KINDS[kind]):
@@ -66,7 +66,7 @@ def suggest(trial, space: dict[str, dict]) -> list[str]:
             value = trial.suggest_int(name, int(spec["low"]), int(spec["high"]))
         else:
             value = trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=kind == "log_float")
-        flags.append(f"--{name.split('.')[-1]}={value}")
+        flags.append(f"--{name}={value}")
     return flags
 
 

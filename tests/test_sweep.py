@@ -108,3 +108,19 @@ def test_a_slurm_array_task_preempted_by_usr1_is_requeued_and_resumes_its_trial(
 def test_a_space_that_names_no_setting_is_one_line(tmp_path):
     result = run_script(*worker(tmp_path, "learning_rate: {type: float, low: 0, high: 1}\n")[1:], check_rc=2)
     assert_one_error_line(result, "'learning_rate' is not a setting of train.py")
+    result = run_script(*worker(tmp_path, "data.n_layer: {type: int, low: 1, high: 2}\n")[1:], check_rc=2)
+    assert_one_error_line(result, "'data.n_layer' is not a setting of train.py")  # n_layer is a model setting
+
+
+def test_a_nested_setting_in_a_space_reaches_train_py_as_its_flag(tmp_path):
+    import optuna
+
+    from config import parse_config
+    from sweep import load_space, suggest
+
+    path = tmp_path / "space.yaml"
+    path.write_text("model.n_layer: {type: int, low: 3, high: 3}\nbase_lr: {type: log_float, low: 0.01, high: 0.01}\n")
+    flags = suggest(optuna.create_study().ask(), load_space(path))
+    assert flags == ["--model.n_layer=3", "--base_lr=0.01"]
+    cfg = parse_config(flags)
+    assert (cfg.model.n_layer, cfg.base_lr) == (3, 0.01)
